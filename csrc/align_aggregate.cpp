@@ -1,0 +1,223 @@
+// Front of the fused align-and-aggregate op: argument checks (messages say
+// what was expected), output allocation, the per-rank-bucket tables, and the
+// hand-off to the CPU or CUDA passes. The Python wrapper validates values
+// (weights, NaN/Inf); the checks here keep direct torch.ops callers safe.
+#include <cstring>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "align_aggregate.h"
+#include "align_aggregate_cpu.h"
+#include "large_rank_fallback.h"
+#ifdef FEDROT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+
+#include "align_aggregate_cuda.h"
+#endif
+
+namespace fedrot {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+bool uses_A(int64_t align) { return align == kAlignA || align == kAlignAB; }
+bool uses_B(int64_t align) { return align == kAlignB || align == kAlignAB; }
+
+void check_same(const Tensor& t, const Tensor& first, const char* name, size_t l) {
+  TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), name, "[", l, "]: expected dtype ", first.scalar_type(),
+                   " (as A[0]), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == first.device(), name, "[", l, "]: expected device ", first.device(),
+                    " (as A[0]), got ", t.device());
+}
+
+void check_inputs(TensorList A, TensorList B, TensorList ref_A, TensorList ref_B, const Tensor& weights,
+                  int64_t align, double lam) {
+  TORCH_CHECK_VALUE(!A.empty(), "A: expected a non-empty list of layer tensors");
+  TORCH_CHECK_VALUE(A.size() == B.size(), "B: expected ", A.size(), " layer tensors to match A, got ", B.size());
+  TORCH_CHECK_VALUE(align >= kAlignNone && align <= kAlignAB, "align: expected 0 (none), 1 (A), 2 (B) or 3 (AB), got ",
+                    align);
+  TORCH_CHECK_VALUE(lam >= 0.0 && lam <= 1.0, "lam: expected a value in [0, 1], got ", lam);
+  TORCH_CHECK_VALUE(ref_A.size() == (uses_A(align) ? A.size() : 0), "ref_A: expected ",
+                    uses_A(align) ? A.size() : 0, " tensors for align=", align, ", got ", ref_A.size());
+  TORCH_CHECK_VALUE(ref_B.size() == (uses_B(align) ? A.size() : 0), "ref_B: expected ",
+                    uses_B(align) ? A.size() : 0, " tensors for align=", align, ", got ", ref_B.size());
+  const Tensor& first = A[0];
+  TORCH_CHECK_VALUE(first.dim() == 3 && first.size(0) > 0, "A[0]: expected a 3-D tensor (N, r, in) with N >= 1, got ",
+                    first.sizes());
+  const int64_t N = first.size(0);
+  for (size_t l = 0; l < A.size(); ++l) {
+    TORCH_CHECK_VALUE(A[l].dim() == 3 && A[l].size(0) == N && A[l].size(1) > 0 && A[l].size(2) > 0, "A[", l,
+                      "]: expected shape (", N, ", r, in) with r, in >= 1, got ", A[l].sizes());
+    const int64_t r = A[l].size(1), d_in = A[l].size(2);
+    TORCH_CHECK_VALUE(B[l].dim() == 3 && B[l].size(0) == N && B[l].size(1) > 0 && B[l].size(2) == r, "B[", l,
+                      "]: expected shape (", N, ", out, ", r, "), got ", B[l].sizes());
+    check_same(A[l], first, "A", l);
+    check_same(B[l], first, "B", l);
+    if (uses_A(align)) {
+      TORCH_CHECK_VALUE(ref_A[l].sizes() == at::IntArrayRef({r, d_in}), "ref_A[", l, "]: expected shape (", r, ", ",
+                        d_in, "), got ", ref_A[l].sizes());
+      check_same(ref_A[l], first, "ref_A", l);
+    }
+    if (uses_B(align)) {
+      TORCH_CHECK_VALUE(ref_B[l].sizes() == at::IntArrayRef({B[l].size(1), r}), "ref_B[", l, "]: expected shape (",
+                        B[l].size(1), ", ", r, "), got ", ref_B[l].sizes());
+      check_same(ref_B[l], first, "ref_B", l);
+    }
+  }
+  const auto acc = first.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == N, "weights: expected shape (", N, "), got ",
+                    weights.sizes());
+  TORCH_CHECK_TYPE(weights.scalar_type() == acc, "weights: expected dtype ", acc, ", got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.device() == first.device(), "weights: expected device ", first.device(), ", got ",
+                    weights.device());
+}
+
+struct Outputs {
+  std::vector<Tensor> A, B, rotations;
+  Tensor status;
+};
+
+// The views, layers and chunk count of one rank bucket.
+struct Tables {
+  std::vector<FactorView> views;
+  std::vector<LayerInfo> layers;
+  int64_t num_chunks = 0, max_rows = 0;
+};
+
+FactorView make_view(const Tensor& x, int64_t dim_t, int64_t dim_j, const Tensor* ref, const Tensor& out,
+                     int64_t chunk_begin, int32_t layer) {
+  FactorView v{};
+  v.x = x.data_ptr();
+  v.client_stride = x.stride(0);
+  v.stride_t = x.stride(dim_t);
+  v.stride_j = x.stride(dim_j);
+  if (ref != nullptr) {  // refs and outputs are 2-D: dims shift by one
+    v.ref = ref->data_ptr();
+    v.ref_stride_t = ref->stride(dim_t - 1);
+    v.ref_stride_j = ref->stride(dim_j - 1);
+  }
+  v.out = out.data_ptr();
+  v.out_stride_t = out.stride(dim_t - 1);
+  v.out_stride_j = out.stride(dim_j - 1);
+  v.rows = x.size(dim_t);
+  v.chunk_begin = chunk_begin;
+  v.layer = layer;
+  return v;
+}
+
+Tables build_tables(const std::vector<size_t>& layer_ids, TensorList A, TensorList B, TensorList ref_A,
+                    TensorList ref_B, int64_t align, Outputs& out) {
+  Tables t;
+  for (size_t g = 0; g < layer_ids.size(); ++g) {
+    const size_t l = layer_ids[g];
+    // A_i (n, in): t = dim 2, j = dim 1.  B_i (out, n): t = dim 1, j = dim 2.
+    t.views.push_back(make_view(A[l], 2, 1, uses_A(align) ? &ref_A[l] : nullptr, out.A[l], t.num_chunks, int32_t(g)));
+    t.num_chunks += (A[l].size(2) + kChunkRows - 1) / kChunkRows;
+    t.views.push_back(make_view(B[l], 1, 2, uses_B(align) ? &ref_B[l] : nullptr, out.B[l], t.num_chunks, int32_t(g)));
+    t.num_chunks += (B[l].size(1) + kChunkRows - 1) / kChunkRows;
+    t.max_rows = std::max({t.max_rows, A[l].size(2), B[l].size(1)});
+    t.layers.push_back(LayerInfo{out.rotations[l].data_ptr(), int32_t(A[l].size(1)), 0});
+  }
+  return t;
+}
+
+GroupParams group_params(const Tables& t, const Tensor& weights, int64_t align, double lam, bool allow_reflection,
+                         const Outputs& out) {
+  GroupParams p{};
+  p.weights = weights.data_ptr();
+  p.status = out.status.data_ptr<int32_t>();
+  p.num_chunks = t.num_chunks;
+  p.num_layers = int32_t(t.layers.size());
+  p.num_clients = int32_t(weights.size(0));
+  p.cov_splits = 1;
+  p.align = int32_t(align);
+  p.lam = lam;
+  p.allow_reflection = allow_reflection;
+  return p;
+}
+
+void run_group_cpu(const Tables& t, GroupParams p, int bucket, const Tensor& first, const Tensor& weights) {
+  const int64_t R = bucket;
+  const Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R}, weights.options());
+  p.views = t.views.data();
+  p.layers = t.layers.data();
+  p.coef = coef.data_ptr();
+  align_aggregate_cpu(p, first.scalar_type(), bucket);
+}
+
+#ifdef FEDROT_WITH_CUDA
+// Tables go to the device through pinned memory and an async copy on the
+// current stream: no host synchronisation.
+void run_group_cuda(const Tables& t, GroupParams p, int bucket, const Tensor& first, const Tensor& weights) {
+  const size_t view_bytes = t.views.size() * sizeof(FactorView), layer_bytes = t.layers.size() * sizeof(LayerInfo);
+  Tensor host = at::empty({int64_t(view_bytes + layer_bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), t.views.data(), view_bytes);
+  std::memcpy(static_cast<char*>(host.data_ptr()) + view_bytes, t.layers.data(), layer_bytes);
+  const Tensor table = host.to(first.device(), /*non_blocking=*/true);
+  const int64_t R = bucket, layer_clients = int64_t(t.layers.size()) * p.num_clients;
+  p.cov_splits = covariance_splits(layer_clients, t.max_rows);
+  const Tensor coef = at::empty({layer_clients * R * R}, weights.options());
+  const Tensor cov = at::empty({p.align == kAlignNone ? 0 : layer_clients * p.cov_splits * R * R}, weights.options());
+  p.views = reinterpret_cast<const FactorView*>(table.data_ptr());
+  p.layers = reinterpret_cast<const LayerInfo*>(static_cast<const char*>(table.data_ptr()) + view_bytes);
+  p.coef = coef.data_ptr();
+  p.cov = cov.data_ptr();
+  align_aggregate_cuda(p, first.scalar_type(), bucket);
+}
+#endif
+
+}  // namespace
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor> align_and_aggregate(
+    TensorList A, TensorList B, TensorList ref_A, TensorList ref_B, const Tensor& weights, int64_t align, double lam,
+    bool allow_reflection) {
+  check_inputs(A, B, ref_A, ref_B, weights, align, lam);
+  const Tensor& first = A[0];
+  const int64_t N = first.size(0);
+  const auto acc_options = weights.options();
+  Outputs out;
+  out.status = at::zeros({1}, first.options().dtype(at::kInt));
+  std::map<int, std::vector<size_t>> buckets;  // rank bucket -> layers; 0 = above kMaxFusedRank
+  for (size_t l = 0; l < A.size(); ++l) {
+    const int64_t r = A[l].size(1);
+    out.A.push_back(at::empty({r, A[l].size(2)}, first.options()));
+    out.B.push_back(at::empty({B[l].size(1), r}, first.options()));
+    out.rotations.push_back(at::empty({N, r, r}, acc_options));
+    buckets[rank_bucket(r)].push_back(l);
+  }
+#ifdef FEDROT_WITH_CUDA
+  const c10::OptionalDeviceGuard guard(first.device());
+#endif
+  for (const auto& [bucket, layer_ids] : buckets) {
+    if (bucket == 0) {  // ranks above the compiled buckets
+      for (size_t l : layer_ids) {
+        align_aggregate_layer_aten(A[l], B[l], uses_A(align) ? ref_A[l] : Tensor(), uses_B(align) ? ref_B[l] : Tensor(),
+                                   weights, align == kAlignNone, lam, allow_reflection, out.A[l], out.B[l],
+                                   out.rotations[l], out.status);
+      }
+      continue;
+    }
+    const Tables tables = build_tables(layer_ids, A, B, ref_A, ref_B, align, out);
+    const GroupParams p = group_params(tables, weights, align, lam, allow_reflection, out);
+    if (first.is_cuda()) {
+#ifdef FEDROT_WITH_CUDA
+      run_group_cuda(tables, p, bucket, first, weights);
+#endif
+    } else {
+      run_group_cpu(tables, p, bucket, first, weights);
+    }
+  }
+  return {out.A, out.B, out.rotations, out.status};
+}
+
+TORCH_LIBRARY_IMPL(fedrot_ext, CPU, m) { m.impl("align_and_aggregate", &align_and_aggregate); }
+#ifdef FEDROT_WITH_CUDA
+TORCH_LIBRARY_IMPL(fedrot_ext, CUDA, m) { m.impl("align_and_aggregate", &align_and_aggregate); }
+#endif
+
+}  // namespace fedrot

@@ -1,0 +1,74 @@
+// Parameters of the fused align-and-aggregate op, shared by the front file,
+// the CPU path and the CUDA path.
+//
+// Multi-tensor design (as in apex's multi_tensor_apply): every factor of every
+// layer becomes one FactorView in a flat table, and the work of a pass is a
+// flat list of chunks, so one launch covers all layers of a rank bucket
+// whatever their shapes. Both factors are viewed as N matrices X_i (T × n):
+// A_i (n × in) is read transposed (t runs over in_features), B_i (out × n) as
+// it is. Then both the cross-covariance (M_i += X_iᵀ Y) and the aggregate
+// (out = Σ_i X_i · w_i R_i) have one form for A and for B.
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace fedrot {
+
+enum AlignMode : int32_t { kAlignNone = 0, kAlignA = 1, kAlignB = 2, kAlignAB = 3 };
+
+// Ranks are compiled as buckets {4, 8, 16, 32, 64} (runtime r <= bucket);
+// larger ranks take the ATen fallback (large_rank_fallback.h).
+constexpr int kMaxFusedRank = 64;
+// Rows (the t dimension) per aggregation chunk.
+constexpr int64_t kChunkRows = 64;
+
+struct FactorView {
+  const void* x;  // client 0's X; client i at x + i * client_stride
+  int64_t client_stride, stride_t, stride_j;
+  const void* ref;  // reference view (T × n) when this factor drives alignment, else null
+  int64_t ref_stride_t, ref_stride_j;
+  void* out;  // aggregated view (T × n)
+  int64_t out_stride_t, out_stride_j;
+  int64_t rows;         // T
+  int64_t chunk_begin;  // index of this view's first aggregation chunk
+  int32_t layer;        // index into the group's LayerInfo table
+  int32_t pad_;
+};
+
+struct LayerInfo {
+  void* rotations;  // (N, n, n) output in the accumulate dtype
+  int32_t n;        // rank of this layer
+  int32_t pad_;
+};
+
+// One launch group: all layers whose rank falls in one bucket R.
+struct GroupParams {
+  const FactorView* views;  // 2 per layer: [2l] = A, [2l+1] = B
+  const LayerInfo* layers;
+  const void* weights;  // (N,) normalised, accumulate dtype
+  void* coef;           // workspace (num_layers * N * R * R): w_i R_i, zero-padded
+  void* cov;            // CUDA workspace: (num_layers * N * cov_splits * R * R) partial M
+  int32_t* status;      // set to 1 when an aggregate comes out non-finite
+  int64_t num_chunks;
+  int32_t num_layers, num_clients, cov_splits, align;
+  double lam;
+  bool allow_reflection;
+};
+
+inline int rank_bucket(int64_t n) {
+  return n <= 4 ? 4 : n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 ? 32 : n <= kMaxFusedRank ? 64 : 0;
+}
+
+// The view a chunk belongs to (views are ordered by chunk_begin).
+FR_HD int find_view(const FactorView* views, int num_views, int64_t chunk) {
+  int lo = 0, hi = num_views - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (views[mid].chunk_begin <= chunk) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+}  // namespace fedrot

@@ -1,0 +1,129 @@
+"""Argument checks for the public API.
+
+Every failure raises a ValueError/TypeError that names the argument and says
+what was expected, so a user sees "B[3]: expected shape (10, 1024, 8) ..."
+rather than a crash inside a kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ._types import ALIGN_MODES
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _as_tensor_list(name: str, value) -> list:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple of tensors (one per LoRA layer), got {type(value).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{name}: expected a non-empty list of layer tensors, got an empty list")
+    for l, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{l}]: expected a torch.Tensor, got {type(t).__name__}")
+    return list(value)
+
+
+def check_align(align: str) -> None:
+    if align not in ALIGN_MODES:
+        raise ValueError(f"align: expected one of {ALIGN_MODES}, got {align!r}")
+
+
+def check_lam(lam) -> float:
+    try:
+        lam_f = float(lam)
+    except (TypeError, ValueError):
+        raise TypeError(f"lam: expected a float in [0, 1], got {type(lam).__name__}") from None
+    if not (0.0 <= lam_f <= 1.0):  # also rejects NaN
+        raise ValueError(f"lam: expected a value in [0, 1], got {lam_f}")
+    return lam_f
+
+
+def check_factors(A, B, ref_A, ref_B, align: str):
+    """Validate shapes, dtypes and devices; return (A, B, ref_A, ref_B, N, dtype, device)."""
+    A = _as_tensor_list("A", A)
+    B = _as_tensor_list("B", B)
+    if len(A) != len(B):
+        raise ValueError(f"B: expected {len(A)} layer tensors to match A, got {len(B)}")
+    dtype, device = A[0].dtype, A[0].device
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"A[0]: expected dtype in {SUPPORTED_DTYPES}, got {dtype}")
+    N = A[0].shape[0] if A[0].dim() == 3 else None
+    for l, (a, b) in enumerate(zip(A, B)):
+        if a.dim() != 3:
+            raise ValueError(f"A[{l}]: expected a 3-D tensor (N, r, in_features), got shape {tuple(a.shape)}")
+        if b.dim() != 3:
+            raise ValueError(f"B[{l}]: expected a 3-D tensor (N, out_features, r), got shape {tuple(b.shape)}")
+        if a.shape[0] != N:
+            raise ValueError(f"A[{l}]: expected {N} clients in dim 0 (as A[0]), got shape {tuple(a.shape)}")
+        if N == 0:
+            raise ValueError("A: expected at least one client (dim 0 of every layer), got an empty client list (N = 0)")
+        n_clients, r, d_in = a.shape
+        if b.shape[0] != N or b.shape[2] != r:
+            raise ValueError(f"B[{l}]: expected shape ({N}, out_features, {r}) to match A[{l}] {tuple(a.shape)}, got {tuple(b.shape)}")
+        if r == 0 or d_in == 0 or b.shape[1] == 0:
+            raise ValueError(f"A[{l}]/B[{l}]: expected non-zero rank and feature sizes, got A {tuple(a.shape)}, B {tuple(b.shape)}")
+        for name, t in ((f"A[{l}]", a), (f"B[{l}]", b)):
+            if t.dtype != dtype:
+                raise TypeError(f"{name}: expected dtype {dtype} (as A[0]), got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"{name}: expected device {device} (as A[0]), got {t.device}")
+    refs = {"ref_A": ref_A, "ref_B": ref_B}
+    needed = {"ref_A": align in ("A", "AB"), "ref_B": align in ("B", "AB")}
+    checked = {}
+    for name, ref in refs.items():
+        if ref is None:
+            if needed[name]:
+                raise ValueError(f"{name}: required when align={align!r} (the previous global factors), got None")
+            checked[name] = None
+            continue
+        ref = _as_tensor_list(name, ref)
+        if len(ref) != len(A):
+            raise ValueError(f"{name}: expected {len(A)} layer tensors to match A, got {len(ref)}")
+        for l, t in enumerate(ref):
+            r, d_in = A[l].shape[1], A[l].shape[2]
+            want = (r, d_in) if name == "ref_A" else (B[l].shape[1], r)
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name}[{l}]: expected shape {want}, got {tuple(t.shape)}")
+            if t.dtype != dtype:
+                raise TypeError(f"{name}[{l}]: expected dtype {dtype} (as A[0]), got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"{name}[{l}]: expected device {device} (as A[0]), got {t.device}")
+            if needed[name] and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}[{l}]: expected finite values, found NaN or Inf")
+        checked[name] = ref
+    return A, B, checked["ref_A"], checked["ref_B"], N, dtype, device
+
+
+def normalized_weights(weights, N: int, device, acc_dtype: torch.dtype) -> torch.Tensor:
+    """Validate client weights and return them normalised to sum 1, on `device`."""
+    if weights is None:
+        return torch.full((N,), 1.0 / N, dtype=acc_dtype, device=device)
+    w = torch.as_tensor(weights).detach()
+    if w.dim() != 1 or w.shape[0] != N:
+        raise ValueError(f"weights: expected shape ({N},) (one per client), got {tuple(w.shape)}")
+    if w.device.type != "cpu" and w.device != device:
+        raise ValueError(f"weights: expected device {device} or cpu (as A[0]), got {w.device}")
+    w64 = w.to("cpu", torch.float64)  # N scalars: one small copy, checked on the host
+    if not bool(torch.isfinite(w64).all()):
+        raise ValueError("weights: expected finite values, found NaN or Inf")
+    if bool((w64 < 0).any()):
+        raise ValueError(f"weights: expected non-negative values, got min {float(w64.min())}")
+    total = float(w64.sum())
+    if not total > 0 or not math.isfinite(total):
+        raise ValueError("weights: expected a positive sum, got all zeros")
+    return (w64 / total).to(device=device, dtype=acc_dtype)
+
+
+def locate_nonfinite(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> Optional[str]:
+    """Name the first client factor holding NaN/Inf (slow path, only after a failed output check)."""
+    for name, factors in (("A", A), ("B", B)):
+        for l, t in enumerate(factors):
+            bad = ~torch.isfinite(t).flatten(1).all(dim=1)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                return f"{name}[{l}][{i}] (layer {l}, client {i})"
+    return None

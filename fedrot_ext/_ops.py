@@ -1,0 +1,116 @@
+"""Python front of the fused C++/CUDA ops (torch.ops.fedrot_ext.*).
+
+The heavy lifting (cross-covariances, batched polar factors, rotated weighted
+averages over every layer and client) happens in csrc/ in a fixed number of
+passes. This file validates arguments, normalises weights, registers the
+fake (meta) kernels used by torch.compile / opcheck, and turns the op's
+status flag into a clear Python exception.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.fedrot_ext)
+from ._checks import check_align, check_factors, check_lam, locate_nonfinite, normalized_weights
+from ._types import ALIGN_CODES, Aggregate
+
+__all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype"]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; fp32, bf16 and fp16 accumulate (and return rotations) in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fedrot_ext::align_and_aggregate")
+def _align_and_aggregate_fake(A, B, ref_A, ref_B, weights, align, lam, allow_reflection):
+    acc = accumulate_dtype(A[0].dtype)
+    out_A = [a.new_empty((a.shape[1], a.shape[2])) for a in A]
+    out_B = [b.new_empty((b.shape[1], b.shape[2])) for b in B]
+    rots = [a.new_empty((a.shape[0], a.shape[1], a.shape[1]), dtype=acc) for a in A]
+    status = A[0].new_empty((1,), dtype=torch.int32)
+    return out_A, out_B, rots, status
+
+
+@torch.library.register_fake("fedrot_ext::procrustes_rotation")
+def _procrustes_rotation_fake(M, lam, allow_reflection):
+    return torch.empty_like(M, memory_format=torch.contiguous_format)
+
+
+def procrustes_rotation(M: torch.Tensor, lam: float = 1.0, allow_reflection: bool = False) -> torch.Tensor:
+    """Batched soft orthogonal Procrustes: R = polar((1-λ) I + λ R*), R* = argmax_R tr(Rᵀ M).
+
+    M: (..., r, r) float32 or float64 cross-covariances (e.g. A_i Āᵀ). Returns R of
+    the same shape and dtype, with det R = +1 unless `allow_reflection`. A zero M
+    gives the identity. Runs the same header-only Jacobi SVD as the fused op.
+    """
+    if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2]:
+        shape = tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__
+        raise ValueError(f"M: expected a tensor of shape (..., r, r), got {shape}")
+    if M.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"M: expected dtype float32 or float64, got {M.dtype}")
+    if M.shape[-1] == 0:
+        raise ValueError("M: expected r >= 1, got r = 0")
+    lam = check_lam(lam)
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError("M: expected finite values, found NaN or Inf")
+    return torch.ops.fedrot_ext.procrustes_rotation(M, lam, bool(allow_reflection))
+
+
+def align_and_aggregate(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    *,
+    ref_A: Optional[Sequence[torch.Tensor]] = None,
+    ref_B: Optional[Sequence[torch.Tensor]] = None,
+    weights=None,
+    align: str = "A",
+    lam: float = 0.5,
+    allow_reflection: bool = False,
+    return_rotations: bool = False,
+) -> Aggregate:
+    """Rotate every client's LoRA factors onto the previous global ones, then average.
+
+    For each layer l and client i, R_i = polar((1-λ) I + λ R*_i) where R*_i solves the
+    orthogonal Procrustes problem against the reference (``align="A"``: M_i = A_i Āᵀ;
+    ``"B"``: M_i = B_iᵀ B̄; ``"AB"``: their sum; ``"none"``: R_i = I, plain FedIT).
+    Then Ã_i = R_iᵀ A_i, B̃_i = B_i R_i (so B̃_i Ã_i = B_i A_i) and the result is
+    Σ_i w_i Ã_i, Σ_i w_i B̃_i. All layers and clients are processed by one fused op.
+
+    Args:
+        A: L tensors, ``A[l]`` of shape (N, r_l, in_l): layer l's A factor of all N clients.
+        B: L tensors, ``B[l]`` of shape (N, out_l, r_l).
+        ref_A: L tensors (r_l, in_l), the previous global A; required when align uses A.
+        ref_B: L tensors (out_l, r_l), the previous global B; required when align uses B.
+        weights: (N,) non-negative client weights (e.g. sample counts), normalised
+            inside; None means uniform.
+        align: "A", "B", "AB" or "none".
+        lam: soft-rotation strength in [0, 1]; 0 is FedIT, 1 is hard Procrustes.
+        allow_reflection: solve over O(r) instead of SO(r) (off: det R_i = +1).
+        return_rotations: also return the (N, r_l, r_l) rotations per layer.
+
+    Returns:
+        :class:`Aggregate` with ``A[l]`` (r_l, in_l) and ``B[l]`` (out_l, r_l) in the
+        input dtype, and ``rotations`` (float32, float64 for float64 input) or None.
+
+    Raises:
+        ValueError / TypeError naming the offending argument for bad shapes, ranks,
+        dtypes, devices, weights, λ, align mode, missing references, and for NaN/Inf in
+        any client factor. Inputs are never modified.
+    """
+    check_align(align)
+    lam = check_lam(lam)
+    A, B, ref_A, ref_B, N, dtype, device = check_factors(A, B, ref_A, ref_B, align)
+    w = normalized_weights(weights, N, device, accumulate_dtype(dtype))
+    use_A, use_B = align in ("A", "AB"), align in ("B", "AB")
+    out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
+        A, B, ref_A if use_A else [], ref_B if use_B else [], w, ALIGN_CODES[align], lam, bool(allow_reflection)
+    )
+    if int(status.item()) != 0:  # the only host synchronisation of the call
+        where = locate_nonfinite(A, B)
+        if where is not None:
+            raise ValueError(f"{where}: expected finite client factors, found NaN or Inf")
+        raise ValueError(f"A/B: the aggregate overflowed {dtype}; client factors are too large for this dtype")
+    return Aggregate(list(out_A), list(out_B), list(rots) if return_rotations else None)

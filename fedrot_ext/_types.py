@@ -1,0 +1,23 @@
+"""Result types and constants shared by the fused op and the reference."""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+
+ALIGN_MODES = ("none", "A", "B", "AB")
+# Integer codes passed to the C++ op (csrc/align_aggregate.h: AlignMode).
+ALIGN_CODES = {"none": 0, "A": 1, "B": 2, "AB": 3}
+
+
+class Aggregate(NamedTuple):
+    """Result of an aggregation over L LoRA layers.
+
+    A[l]: (r_l, in_l) aggregated A factor; B[l]: (out_l, r_l) aggregated B factor,
+    both in the input dtype. rotations[l]: (N, r_l, r_l) per-client rotations R_i
+    (float32, or float64 for float64 input) when requested, else None.
+    """
+
+    A: List[torch.Tensor]
+    B: List[torch.Tensor]
+    rotations: Optional[List[torch.Tensor]] = None
