@@ -7,7 +7,6 @@ rather than a crash inside a kernel.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
 
 import torch
 
@@ -98,11 +97,20 @@ def check_factors(A, B, ref_A, ref_B, align: str):
     return A, B, checked["ref_A"], checked["ref_B"], N, dtype, device
 
 
+def raw_weights(weights, N: int) -> torch.Tensor:
+    """Client weights as given (uniform when None), as a float64 tensor; Python numbers keep full precision."""
+    if weights is None:
+        return torch.ones(N, dtype=torch.float64)
+    if isinstance(weights, torch.Tensor):
+        return weights.detach()
+    return torch.as_tensor(weights, dtype=torch.float64)
+
+
 def normalized_weights(weights, N: int, device, acc_dtype: torch.dtype) -> torch.Tensor:
     """Validate client weights and return them normalised to sum 1, on `device`."""
     if weights is None:
         return torch.full((N,), 1.0 / N, dtype=acc_dtype, device=device)
-    w = torch.as_tensor(weights).detach()
+    w = raw_weights(weights, N)
     if w.dim() != 1 or w.shape[0] != N:
         raise ValueError(f"weights: expected shape ({N},) (one per client), got {tuple(w.shape)}")
     if w.device.type != "cpu" and w.device != device:
@@ -118,12 +126,12 @@ def normalized_weights(weights, N: int, device, acc_dtype: torch.dtype) -> torch
     return (w64 / total).to(device=device, dtype=acc_dtype)
 
 
-def locate_nonfinite(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> Optional[str]:
-    """Name the first client factor holding NaN/Inf (slow path, only after a failed output check)."""
-    for name, factors in (("A", A), ("B", B)):
-        for l, t in enumerate(factors):
-            bad = ~torch.isfinite(t).flatten(1).all(dim=1)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                return f"{name}[{l}][{i}] (layer {l}, client {i})"
-    return None
+def check_robustness(on_invalid: str, clip_norm, noise_multiplier) -> None:
+    if on_invalid not in ("raise", "skip"):
+        raise ValueError(f"on_invalid: expected 'raise' or 'skip', got {on_invalid!r}")
+    if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"clip_norm: expected a positive finite number or None, got {clip_norm!r}")
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier: expected a finite number >= 0, got {noise_multiplier!r}")
+    if noise_multiplier > 0 and clip_norm is None:
+        raise ValueError("noise_multiplier: requires clip_norm (the noise is calibrated to the clipped norm)")

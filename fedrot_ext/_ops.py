@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.fedrot_ext)
-from ._checks import check_align, check_factors, check_lam, locate_nonfinite, normalized_weights
+from ._checks import check_align, check_factors, check_lam, check_robustness, normalized_weights, raw_weights
+from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients
 from ._types import ALIGN_CODES, Aggregate
 
 __all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype"]
@@ -59,6 +60,22 @@ def procrustes_rotation(M: torch.Tensor, lam: float = 1.0, allow_reflection: boo
     return torch.ops.fedrot_ext.procrustes_rotation(M, lam, bool(allow_reflection))
 
 
+def _fused(A, B, ref_A, ref_B, w, align: str, lam: float, allow_reflection: bool, clip_norm):
+    """One call of the fused op; clipping enters as per-client scales of the weights."""
+    if clip_norm is not None:
+        w = w * clip_scales(client_update_norms(A, B, w.dtype), clip_norm).sqrt()
+    use_A, use_B = align in ("A", "AB"), align in ("B", "AB")
+    out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
+        A, B, ref_A if use_A else [], ref_B if use_B else [], w, ALIGN_CODES[align], lam, bool(allow_reflection)
+    )
+    return list(out_A), list(out_B), list(rots), int(status.item()) != 0  # the one host synchronisation
+
+
+def _overflow_error(dtype) -> ValueError:
+    return ValueError(f"A/B: the aggregate overflowed {dtype} although every client factor is finite; "
+                      "aggregate in float32 or set clip_norm")
+
+
 def align_and_aggregate(
     A: Sequence[torch.Tensor],
     B: Sequence[torch.Tensor],
@@ -70,6 +87,10 @@ def align_and_aggregate(
     lam: float = 0.5,
     allow_reflection: bool = False,
     return_rotations: bool = False,
+    on_invalid: str = "raise",
+    clip_norm: Optional[float] = None,
+    noise_multiplier: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ) -> Aggregate:
     """Rotate every client's LoRA factors onto the previous global ones, then average.
 
@@ -90,27 +111,58 @@ def align_and_aggregate(
         lam: soft-rotation strength in [0, 1]; 0 is FedIT, 1 is hard Procrustes.
         allow_reflection: solve over O(r) instead of SO(r) (off: det R_i = +1).
         return_rotations: also return the (N, r_l, r_l) rotations per layer.
+        on_invalid: "raise" (default) raises naming the client and tensor holding NaN/Inf;
+            "skip" drops such clients, renormalises the weights over the others and lists
+            them in ``Aggregate.dropped`` (their rotations are reported as identity).
+        clip_norm: if set, each client's whole update ‖ΔW_i‖_F (all layers, computed from
+            r×r Grams) is clipped to this value by scaling both factors by √s_i.
+        noise_multiplier: if > 0 (needs clip_norm), adds Gaussian noise of std
+            noise_multiplier · clip_norm · max_i w_i to the aggregated factors. Not a formal
+            DP guarantee on its own: see fedrot_ext/_robust.py.
+        generator: torch.Generator (on the inputs' device) for the noise, for reproducibility.
 
     Returns:
         :class:`Aggregate` with ``A[l]`` (r_l, in_l) and ``B[l]`` (out_l, r_l) in the
-        input dtype, and ``rotations`` (float32, float64 for float64 input) or None.
+        input dtype, ``rotations`` (float32, float64 for float64 input) or None, and
+        ``dropped``.
 
     Raises:
         ValueError / TypeError naming the offending argument for bad shapes, ranks,
-        dtypes, devices, weights, λ, align mode, missing references, and for NaN/Inf in
-        any client factor. Inputs are never modified.
+        dtypes, devices, weights, λ, align mode, missing references, and (unless
+        on_invalid="skip") NaN/Inf in a client factor. Inputs are never modified.
     """
     check_align(align)
     lam = check_lam(lam)
+    check_robustness(on_invalid, clip_norm, noise_multiplier)
     A, B, ref_A, ref_B, N, dtype, device = check_factors(A, B, ref_A, ref_B, align)
     w = normalized_weights(weights, N, device, accumulate_dtype(dtype))
-    use_A, use_B = align in ("A", "AB"), align in ("B", "AB")
-    out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
-        A, B, ref_A if use_A else [], ref_B if use_B else [], w, ALIGN_CODES[align], lam, bool(allow_reflection)
-    )
-    if int(status.item()) != 0:  # the only host synchronisation of the call
-        where = locate_nonfinite(A, B)
-        if where is not None:
-            raise ValueError(f"{where}: expected finite client factors, found NaN or Inf")
-        raise ValueError(f"A/B: the aggregate overflowed {dtype}; client factors are too large for this dtype")
-    return Aggregate(list(out_A), list(out_B), list(rots) if return_rotations else None)
+    out_A, out_B, rots, failed = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm)
+    dropped = ()
+    if failed:
+        bad = invalid_clients(A, B)
+        if not bad:
+            raise _overflow_error(dtype)
+        if on_invalid == "raise":
+            raise ValueError(f"{bad[min(bad)]}: expected finite client factors (pass on_invalid='skip' to drop it)")
+        kept = [i for i in range(N) if i not in bad]
+        if not kept:
+            raise ValueError(f"A/B: all {N} clients hold NaN or Inf; nothing left to aggregate")
+        raw = raw_weights(weights, N).to("cpu", torch.float64)
+        if not bool(raw[kept].sum() > 0):
+            raise ValueError("weights: every valid client has weight 0; nothing left to aggregate")
+        # Renormalised exactly as a call without the dropped clients would be.
+        w = normalized_weights(raw[kept], len(kept), device, accumulate_dtype(dtype))
+        keep = torch.tensor(kept, dtype=torch.long, device=device)
+        A = [a.index_select(0, keep) for a in A]
+        B = [b.index_select(0, keep) for b in B]
+        out_A, out_B, kept_rots, failed = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm)
+        if failed:
+            raise _overflow_error(dtype)
+        rots = [torch.eye(R.shape[-1], dtype=R.dtype, device=device).repeat(N, 1, 1).index_copy_(0, keep, R)
+                for R in kept_rots]
+        dropped = tuple((i, bad[i]) for i in sorted(bad))
+    if noise_multiplier > 0:
+        std = noise_multiplier * clip_norm * float(w.max())
+        out_A = add_gaussian_noise(out_A, std, generator)
+        out_B = add_gaussian_noise(out_B, std, generator)
+    return Aggregate(out_A, out_B, rots if return_rotations else None, dropped)

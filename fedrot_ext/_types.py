@@ -1,7 +1,7 @@
 """Result types and constants shared by the fused op and the reference."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -16,8 +16,10 @@ class Aggregate(NamedTuple):
     A[l]: (r_l, in_l) aggregated A factor; B[l]: (out_l, r_l) aggregated B factor,
     both in the input dtype. rotations[l]: (N, r_l, r_l) per-client rotations R_i
     (float32, or float64 for float64 input) when requested, else None.
+    dropped: (client index, reason) of the clients left out with on_invalid="skip".
     """
 
     A: List[torch.Tensor]
     B: List[torch.Tensor]
     rotations: Optional[List[torch.Tensor]] = None
+    dropped: Tuple[Tuple[int, str], ...] = ()

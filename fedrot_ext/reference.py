@@ -62,7 +62,12 @@ def align_and_aggregate(
     if align not in ALIGN_MODES:
         raise ValueError(f"align: expected one of {ALIGN_MODES}, got {align!r}")
     N = A[0].shape[0]
-    w = torch.full((N,), 1.0 / N, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double().cpu()
+    if weights is None:
+        w = torch.ones(N, dtype=torch.float64)
+    elif isinstance(weights, torch.Tensor):
+        w = weights.detach().double().cpu()
+    else:
+        w = torch.as_tensor(weights, dtype=torch.float64)
     w = w / w.sum()
     outs_A, outs_B, rots = [], [], []
     for l, (a, b) in enumerate(zip(A, B)):

@@ -235,3 +235,14 @@ def test_outputs_do_not_alias_inputs_and_rotations_optional():
     assert out.rotations is None
     assert out.A[0].data_ptr() != p.A[0].data_ptr()
     assert out.A[0].is_contiguous() and out.B[0].is_contiguous()
+
+
+def test_python_list_weights_keep_float64_precision():
+    """Shrunk from the fuzz suite: list weights were rounded to float32 before normalising."""
+    A = [torch.tensor([[[-2.1788]], [[0.5684]]], dtype=torch.float64)]
+    B = [torch.ones(2, 1, 1, dtype=torch.float64)]
+    weights = [1.0, 0.5731390926297487]
+    out = fedrot_ext.align_and_aggregate(A, B, weights=weights, align="none")
+    w = torch.tensor(weights, dtype=torch.float64)
+    want = (w / w.sum() * A[0].flatten()).sum()
+    assert abs(float(out.A[0]) - float(want)) < 1e-15
