@@ -79,9 +79,16 @@ def conditioning(A, B, ref_A, ref_B, spec, want_rots):
             M += a @ ref_A[l].double().T
         if spec["align"] in ("B", "AB"):
             M += b.transpose(1, 2) @ ref_B[l].double()
-        s = torch.linalg.svdvals(M)
-        if s.shape[-1] >= 2:
-            worst = max(worst, float((s[:, 0] / (s[:, -1] + s[:, -2]).clamp_min(1e-300)).max()))
+        U, s, Vh = torch.linalg.svd(M)
+        # Polar-factor sensitivity ~ σ_1 / min_{i≠j}(σ_i + σ_j) over *signed* singular values:
+        # in SO(r) the smallest carries sign(det U Vᵀ); in O(r) σ_min = 0 leaves a sign free.
+        signed = s.clone()
+        if spec["allow_reflection"]:
+            pair = 2 * s[:, -1]
+        else:
+            signed[:, -1] = signed[:, -1] * torch.sign(torch.linalg.det(U @ Vh))
+            pair = signed[:, -1] + signed[:, -2] if s.shape[-1] >= 2 else s[:, 0]
+        worst = max(worst, float((s[:, 0] / pair.clamp_min(1e-300)).max()))
         if spec["lam"] < 1:
             eye = torch.eye(R.shape[-1], dtype=torch.float64)
             hard = reference.procrustes_rotation(M, 1.0, spec["allow_reflection"])
