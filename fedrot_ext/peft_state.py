@@ -1,0 +1,271 @@
+"""Aggregation over peft adapter state dicts: FedRot-LoRA and every baseline behind one call.
+
+Server-side placement: :func:`aggregate_state_dicts` aligns and averages all clients'
+factors of all modules in one fused op call. Client-side placement:
+:func:`align_state_dict` rotates one client's factors before upload, and the server
+runs plain FedAvg (``method="fedit"``); both give the same result to rounding.
+
+Heterogeneous ranks (one module with different ranks on different clients) are
+zero-padded to the largest rank, HetLoRA-style, for fedrot, fedit and fedex's factor
+average (a zero row of A with a zero column of B adds nothing to B A); flexlora,
+flora and fedex's residual are exact for them. The result has the largest rank; a
+client with a smaller rank keeps the leading rows of A / columns of B. ffa, rolora
+and fedsa need equal ranks and raise otherwise.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from ._checks import check_lam, normalized_weights
+from ._ops import accumulate_dtype, align_and_aggregate
+from ._stacking import pad_rank
+from .baselines import fedex_residual, flexlora_aggregate, weighted_product_sum
+from .client_batch import ClientBatch, FactorSet, collect_clients, collect_reference, require_equal_ranks, stack_factors, stack_others
+from .lora_layout import module_scaling, to_base_layout
+from .schedule import alignment_for_round, rolora_trained_factor
+
+__all__ = ["METHODS", "AggregatedState", "aggregate_state_dicts", "align_state_dict"]
+
+METHODS = ("fedrot", "fedit", "ffa", "rolora", "fedsa", "flexlora", "fedex", "flora")
+_EQUAL_RANK_METHODS = ("ffa", "rolora", "fedsa")
+_DENSE_METHODS = ("fedex", "flora")
+
+
+class AggregatedState(dict):
+    """The aggregated adapter state dict, loadable with ``set_peft_model_state_dict``.
+
+    Attributes:
+        base_deltas: {module path: ΔW} to add to each module's frozen base weight, in
+            that weight's layout and already scaled (``fedex``, ``flora``; empty otherwise).
+            Apply with :func:`fedrot_ext.fold_into_base`.
+    """
+
+    def __init__(self, tensors=(), base_deltas: Optional[Dict[str, torch.Tensor]] = None):
+        super().__init__(tensors)
+        self.base_deltas = dict(base_deltas or {})
+
+
+def _per_dtype(A: Sequence[torch.Tensor], compute) -> list:
+    """Call ``compute(idx)`` once per group of modules sharing a dtype (usually one group:
+    the fused op needs one dtype per call) and put its per-module results back in module order."""
+    groups: Dict[torch.dtype, List[int]] = {}
+    for m, a in enumerate(A):
+        groups.setdefault(a.dtype, []).append(m)
+    out = [None] * len(A)
+    for idx in groups.values():
+        for m, result in zip(idx, compute(idx)):
+            out[m] = result
+    return out
+
+
+def _pick(tensors, idx):
+    return [tensors[m] for m in idx]
+
+
+def _fused_average(A, B, refs: Optional[FactorSet], w, align: str, lam: float, allow_reflection: bool):
+    """Rotate (per `align`) and weighted-average every module: one fused op call per dtype."""
+
+    def compute(idx):
+        ref_A = [pad_rank(refs.A[m], A[m].shape[1], 0) for m in idx] if align in ("A", "AB") else None
+        ref_B = [pad_rank(refs.B[m], A[m].shape[1], 1) for m in idx] if align in ("B", "AB") else None
+        agg = align_and_aggregate(
+            _pick(A, idx), _pick(B, idx), ref_A=ref_A, ref_B=ref_B, weights=w, align=align, lam=lam, allow_reflection=allow_reflection
+        )
+        return zip(agg.A, agg.B)
+
+    return [list(t) for t in zip(*_per_dtype(A, compute))]
+
+
+def _flexlora(A, B, w):
+    pairs = _per_dtype(A, lambda idx: zip(*flexlora_aggregate(_pick(A, idx), _pick(B, idx), weights=w)[:2]))
+    return [list(t) for t in zip(*pairs)]
+
+
+def _identical_on_clients(batch: ClientBatch, stacks, keys, why: str) -> List[torch.Tensor]:
+    """Copy of each (N, ...) stack's first row, after checking all rows are equal (one sync)."""
+    if stacks:
+        flags = torch.stack([(s == s[:1]).all() for s in stacks])
+        if not bool(flags.all()):
+            bad = int((~flags).nonzero()[0, 0])
+            s = stacks[bad]
+            client = next(i for i in range(1, s.shape[0]) if not torch.equal(s[i], s[0]))
+            raise ValueError(f"{batch.labels[client]}[{keys[bad]!r}]: differs from {batch.labels[0]}'s, but {why}")
+    return [s[0].clone() for s in stacks]
+
+
+def _average_others(batch: ClientBatch, stacks, w: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Weighted average of every floating non-factor tensor; others must agree across clients."""
+    out = {}
+    fixed = [(key, s) for key, s in zip(batch.other_keys, stacks) if not s.is_floating_point()]
+    for key, s in zip(batch.other_keys, stacks):
+        if s.is_floating_point():
+            acc = accumulate_dtype(s.dtype)
+            out[key] = torch.tensordot(w.to(s.device, acc), s.to(acc), dims=1).to(s.dtype)
+    copies = _identical_on_clients(batch, [s for _, s in fixed], [k for k, _ in fixed], "a non-floating tensor cannot be averaged")
+    out.update((key, t) for (key, _), t in zip(fixed, copies))
+    return out
+
+
+def _dense_updates(method, batch, A, B, new_A, new_B, w, lora_config, scalings) -> Dict[str, torch.Tensor]:
+    """FedEx residuals or FLoRA merges, scaled and in each base weight's layout."""
+
+    def compute(idx):
+        if method == "fedex":
+            return fedex_residual(_pick(A, idx), _pick(B, idx), agg_A=_pick(new_A, idx), agg_B=_pick(new_B, idx), weights=w)
+        return weighted_product_sum(_pick(A, idx), _pick(B, idx), weights=w)
+
+    deltas: Dict[str, torch.Tensor] = {}
+    for module, dense, s in zip(batch.modules, _per_dtype(A, compute), scalings):
+        if module.path in deltas:
+            raise ValueError(f"client_states: {module.key_A!r} shares its base weight with another adapter; aggregate one adapter at a time for {method!r}")
+        deltas[module.path] = to_base_layout(dense * s, module, lora_config)
+    return deltas
+
+
+def _frozen_factor(method, batch, A, B, round, trained):
+    """ffa / rolora: the factor that did not train, checked equal on all clients and copied."""
+    frozen = "A" if method == "ffa" or trained == "B" else "B"
+    stacks, keys = (A, [m.key_A for m in batch.modules]) if frozen == "A" else (B, [m.key_B for m in batch.modules])
+    when = "" if method == "ffa" else f" in round {round}"
+    return frozen, _identical_on_clients(batch, stacks, keys, f"method {method!r} keeps lora_{frozen} frozen{when} (see set_trainable_factor)")
+
+
+def _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config, labels=None) -> AggregatedState:
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    lam = check_lam(lam)
+    align = alignment_for_round(round, schedule, initial or "A") if method == "fedrot" else "none"
+    trained = rolora_trained_factor(round, initial or "B") if method == "rolora" else None
+    if method in _DENSE_METHODS and lora_config is None:
+        raise ValueError(f"lora_config: required for method {method!r} (r, lora_alpha and fan_in_fan_out decide the base-weight update)")
+    batch = collect_clients(client_states, labels)
+    if method in _EQUAL_RANK_METHODS:
+        require_equal_ranks(batch, method)
+    w = normalized_weights(weights, len(batch.states), torch.device("cpu"), torch.float64)
+    refs = None
+    if align != "none":
+        if reference is None:
+            raise ValueError(f"reference: required to align on {align} in round {round} (the previous global adapter), got None")
+        refs = collect_reference(reference, batch, align)
+    ranks = [max(rs + ([refs.rank[m]] if refs else [])) for m, rs in enumerate(batch.ranks)]
+    scalings = [module_scaling(lora_config, m, rs, method) for m, rs in zip(batch.modules, batch.ranks)] if method in _DENSE_METHODS else None
+    A, B = stack_factors(batch, ranks)
+    others = _average_others(batch, stack_others(batch), w)
+
+    if method == "flexlora":
+        new_A, new_B = _flexlora(A, B, w)
+    else:
+        new_A, new_B = _fused_average(A, B, refs, w, align, lam, allow_reflection)
+    if method in ("ffa", "rolora"):
+        frozen, copies = _frozen_factor(method, batch, A, B, round, trained)
+        new_A, new_B = (copies, new_B) if frozen == "A" else (new_A, copies)
+    base_deltas = _dense_updates(method, batch, A, B, new_A, new_B, w, lora_config, scalings) if method in _DENSE_METHODS else {}
+    if method == "flora":
+        new_B = [torch.zeros_like(b) for b in new_B]  # the update now lives in the base weight
+    if method == "fedsa":
+        new_B = [None] * len(A)  # personal: each client keeps its own B
+
+    values = dict(others)
+    for m, a, b in zip(batch.modules, new_A, new_B):
+        values[m.key_A] = a
+        if b is not None:
+            values[m.key_B] = b
+    return AggregatedState(((k, values[k]) for k in batch.states[0] if k in values), base_deltas)
+
+
+def aggregate_state_dicts(
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    reference: Optional[Mapping[str, torch.Tensor]] = None,
+    weights=None,
+    method: str = "fedrot",
+    round: Optional[int] = None,
+    lam: float = 0.5,
+    schedule: str = "alternate",
+    initial: Optional[str] = None,
+    allow_reflection: bool = False,
+    lora_config=None,
+) -> AggregatedState:
+    """Aggregate N clients' peft adapter state dicts with FedRot-LoRA or a baseline.
+
+    LoRA factors are paired per module by key structure (saved ``...lora_A.weight`` or
+    live ``...lora_A.<adapter>.weight``, ``lora_embedding_A/B``); every other tensor
+    (classifier head, modules_to_save, biases) is weighted-averaged, never rotated
+    (non-floating tensors must agree and are copied). Keys, key order and dtypes are kept.
+
+    Methods (see METHOD.md):
+        ``fedrot``: rotate each client onto ``reference`` (mode from the round schedule:
+            round 0 none, then alternate from ``initial``, default "A"), then average.
+        ``fedit``: plain factor-wise average (also the FedAvg step after :func:`align_state_dict`).
+        ``ffa``: B averaged, A copied; A must be identical on all clients (frozen at the
+            shared init, see :func:`fedrot_ext.set_trainable_factor`).
+        ``rolora``: the factor trained this round (:func:`fedrot_ext.rolora_trained_factor`,
+            ``initial`` default "B") averaged, the frozen one copied (must be identical).
+        ``fedsa``: A averaged; lora_B keys are left out, so loading the result keeps each
+            client's personal B.
+        ``flexlora``: truncated SVD of Σ w_i B_i A_i (:func:`fedrot_ext.flexlora_aggregate`).
+        ``fedex``: FedIT factors plus ``base_deltas`` = s (Σ w_i B_i A_i − B̄ Ā).
+        ``flora``: ``base_deltas`` = s Σ w_i B_i A_i; the adapter returns with B = 0 and A
+            the average (re-initialise A if you want FLoRA's fresh adapter).
+
+    Args:
+        client_states: N state dicts with the same keys (``get_peft_model_state_dict`` output,
+            :func:`fedrot_ext.load_adapter` output, or a live model's ``state_dict()``).
+        reference: the previous global adapter (same keys); needed by ``fedrot`` when the
+            round aligns, cast to the clients' dtype/device.
+        weights: (N,) non-negative client weights (e.g. sample counts), normalised; None: uniform.
+        method: one of :data:`METHODS`.
+        round: 0-based round index (``fedrot`` with ``schedule="alternate"``, ``rolora``).
+        lam: soft-rotation strength in [0, 1] (``fedrot``).
+        schedule: "alternate", "A", "B", "AB" or "none" (``fedrot``).
+        initial: first factor of the schedule; None means "A" for fedrot, "B" for rolora.
+        allow_reflection: rotate over O(r) instead of SO(r) (``fedrot``).
+        lora_config: the clients' peft LoraConfig (or adapter_config.json dict); required by
+            ``fedex`` and ``flora`` for the scaling and the base layout (``fan_in_fan_out``).
+
+    Returns:
+        :class:`AggregatedState`: the aggregated state dict, plus ``base_deltas``.
+
+    Raises:
+        ValueError/TypeError naming the client and key: unknown method, unpaired A/B keys,
+        a client missing a module, shape/dtype disagreements, NaN/Inf, a reference missing a
+        key, unequal ranks for ffa/rolora/fedsa, a changed frozen factor. Inputs are never modified.
+    """
+    return _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config)
+
+
+def align_state_dict(
+    client_state: Mapping[str, torch.Tensor],
+    reference: Optional[Mapping[str, torch.Tensor]],
+    *,
+    round: Optional[int] = None,
+    lam: float = 0.5,
+    schedule: str = "alternate",
+    initial: str = "A",
+    allow_reflection: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """Client-side FedRot-LoRA: rotate one client's adapter onto the global one before upload.
+
+    The server then runs plain FedAvg (``aggregate_state_dicts(..., method="fedit")``), which
+    equals server-side ``method="fedrot"`` to rounding and allows secure aggregation.
+
+    Args:
+        client_state: this client's adapter state dict after local training.
+        reference: the global adapter the client started from (None only when the round
+            does not align).
+        round, lam, schedule, initial, allow_reflection: as in :func:`aggregate_state_dicts`.
+
+    Returns:
+        A new state dict with the same keys and dtypes: rotated factors (B_i R, Rᵀ A_i; zero-
+        padded to the reference's rank if larger), every other tensor copied.
+
+    Raises:
+        ValueError/TypeError naming ``client_state`` / ``reference`` and the key, as in
+        :func:`aggregate_state_dicts`.
+    """
+    aligned = _aggregate(
+        [client_state], reference, None, "fedrot", round, lam, schedule, initial, allow_reflection, None, labels=["client_state"]
+    )
+    return dict(aligned)
