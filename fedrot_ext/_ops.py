@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.fedrot_ext)
-from ._checks import check_align, check_factors, check_lam, check_robustness, normalized_weights, raw_weights
-from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients
+from ._checks import check_align, check_factors, check_lam, check_robustness, normalized_weights
+from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients, noise_std, surviving_weights
 from ._types import ALIGN_CODES, Aggregate
 
 __all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype"]
@@ -63,7 +63,8 @@ def procrustes_rotation(M: torch.Tensor, lam: float = 1.0, allow_reflection: boo
 def _fused(A, B, ref_A, ref_B, w, align: str, lam: float, allow_reflection: bool, clip_norm):
     """One call of the fused op; clipping enters as per-client scales of the weights."""
     if clip_norm is not None:
-        w = w * clip_scales(client_update_norms(A, B, w.dtype), clip_norm).sqrt()
+        # Norms in float64: finite factors of ~1e19 would overflow a float32 norm and escape the clip.
+        w = w * clip_scales(client_update_norms(A, B, torch.float64), clip_norm).sqrt().to(w.dtype)
     use_A, use_B = align in ("A", "AB"), align in ("B", "AB")
     out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
         A, B, ref_A if use_A else [], ref_B if use_B else [], w, ALIGN_CODES[align], lam, bool(allow_reflection)
@@ -144,14 +145,8 @@ def align_and_aggregate(
             raise _overflow_error(dtype)
         if on_invalid == "raise":
             raise ValueError(f"{bad[min(bad)]}: expected finite client factors (pass on_invalid='skip' to drop it)")
-        kept = [i for i in range(N) if i not in bad]
-        if not kept:
-            raise ValueError(f"A/B: all {N} clients hold NaN or Inf; nothing left to aggregate")
-        raw = raw_weights(weights, N).to("cpu", torch.float64)
-        if not bool(raw[kept].sum() > 0):
-            raise ValueError("weights: every valid client has weight 0; nothing left to aggregate")
         # Renormalised exactly as a call without the dropped clients would be.
-        w = normalized_weights(raw[kept], len(kept), device, accumulate_dtype(dtype))
+        kept, w = surviving_weights(weights, N, bad, device, accumulate_dtype(dtype), "A/B")
         keep = torch.tensor(kept, dtype=torch.long, device=device)
         A = [a.index_select(0, keep) for a in A]
         B = [b.index_select(0, keep) for b in B]
@@ -162,7 +157,7 @@ def align_and_aggregate(
                 for R in kept_rots]
         dropped = tuple((i, bad[i]) for i in sorted(bad))
     if noise_multiplier > 0:
-        std = noise_multiplier * clip_norm * float(w.max())
+        std = noise_std(noise_multiplier, clip_norm, w)
         out_A = add_gaussian_noise(out_A, std, generator)
         out_B = add_gaussian_noise(out_B, std, generator)
     return Aggregate(out_A, out_B, rots if return_rotations else None, dropped)

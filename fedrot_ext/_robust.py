@@ -14,12 +14,18 @@ What they guarantee, and what they do not:
   the product clip, this is NOT a formal (ε, δ)-differential-privacy guarantee;
   use it as noise injection (e.g. with secure aggregation) and do the privacy
   accounting on a mechanism whose sensitivity you have bounded.
+
+:func:`fedrot_ext.aggregate_state_dicts` applies the same policy to every method through
+:mod:`fedrot_ext.state_policy`, which says how each method splits the clip over its factors
+and which released tensors it noises.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from ._checks import normalized_weights, raw_weights
 
 
 def client_update_norms(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
@@ -39,15 +45,60 @@ def clip_scales(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return torch.where(torch.isfinite(scale) & (norms > 0), scale, torch.ones_like(scale))
 
 
+def nonfinite_rows(stacks: Sequence[torch.Tensor]) -> Dict[int, int]:
+    """Row i of dim 0 (a client) -> index of the first (N, ...) stack holding NaN/Inf in that row.
+
+    Slow path (one host synchronisation per stack): call it only after a cheap check failed.
+    """
+    first: Dict[int, int] = {}
+    for k, t in enumerate(stacks):
+        if t.numel() == 0:
+            continue
+        rows = (~torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)).nonzero().flatten().tolist()
+        for i in rows:
+            first.setdefault(i, k)
+    return first
+
+
 def invalid_clients(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> Dict[int, str]:
     """Client index -> the first tensor holding NaN/Inf for it (slow path, only after a failed check)."""
-    bad: Dict[int, str] = {}
-    for name, factors in (("A", A), ("B", B)):
-        for l, t in enumerate(factors):
-            rows = (~torch.isfinite(t).flatten(1).all(dim=1)).nonzero().flatten().tolist()
-            for i in rows:
-                bad.setdefault(i, f"{name}[{l}][{i}] (layer {l}, client {i}) holds NaN or Inf")
-    return bad
+    names = [("A", l) for l in range(len(A))] + [("B", l) for l in range(len(B))]
+    return {
+        i: f"{names[k][0]}[{names[k][1]}][{i}] (layer {names[k][1]}, client {i}) holds NaN or Inf"
+        for i, k in nonfinite_rows(list(A) + list(B)).items()
+    }
+
+
+def surviving_weights(weights, N: int, bad, device, acc: torch.dtype, what: str) -> Tuple[List[int], torch.Tensor]:
+    """The clients left after dropping `bad`, and their weights renormalised exactly as a call
+    without the dropped clients would normalise them.
+
+    Args:
+        weights: the caller's weights (None, sequence or tensor), already validated for all N.
+        N: number of clients before dropping.
+        bad: indices of the clients to drop.
+        device, acc: device and dtype of the returned weights.
+        what: how error messages name the client factors (e.g. "A/B", "client_states").
+
+    Returns:
+        (kept indices in increasing order, (len(kept),) weights summing to 1).
+
+    Raises:
+        ValueError: every client is dropped, or every kept client has weight 0.
+    """
+    kept = [i for i in range(N) if i not in bad]
+    if not kept:
+        raise ValueError(f"{what}: all {N} clients hold NaN or Inf; nothing left to aggregate")
+    raw = raw_weights(weights, N).to("cpu", torch.float64)
+    if not bool(raw[kept].sum() > 0):
+        raise ValueError("weights: every valid client has weight 0; nothing left to aggregate")
+    return kept, normalized_weights(raw[kept], len(kept), device, acc)
+
+
+def noise_std(noise_multiplier: float, clip_norm: float, w: torch.Tensor) -> float:
+    """σ = noise_multiplier · clip_norm · max_i w_i: the Gaussian mechanism's scale for a weighted
+    sum whose client i contributes at most w_i · clip_norm (w: the normalised weights actually used)."""
+    return noise_multiplier * clip_norm * float(w.max())
 
 
 def add_gaussian_noise(tensors: List[torch.Tensor], std: float, generator: Optional[torch.Generator]) -> List[torch.Tensor]:

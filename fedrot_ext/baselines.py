@@ -58,6 +58,8 @@ def flexlora_aggregate(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *, 
         :class:`Aggregate` with A[l] (rank, in_l) and B[l] (out_l, rank) in the input dtype
         (computed in float32, float64 for float64 input); rotations None. Ranks beyond what
         the data supports (N r_l or a feature size smaller than rank) are zero-padded.
+        Bitwise reproducible at a fixed CPU thread count; across thread counts only to
+        rounding, since LAPACK's QR/SVD blocking depends on it.
 
     Raises:
         ValueError/TypeError naming the argument for bad shapes, dtypes, weights or rank.

@@ -37,6 +37,14 @@ class ClientBatch:
     ranks: List[List[int]]
     device: torch.device
 
+    def subset(self, kept: Sequence[int]) -> "ClientBatch":
+        """The batch of the clients `kept` only (indices into ``states``); labels keep naming
+        each client by its original index."""
+        return ClientBatch(
+            [self.states[i] for i in kept], [self.labels[i] for i in kept], self.modules, self.other_keys,
+            [[ranks[i] for i in kept] for ranks in self.ranks], self.device,
+        )
+
 
 @dataclass
 class FactorSet:
@@ -191,31 +199,47 @@ def collect_reference(reference, batch: ClientBatch, factors: str, label: str = 
     return found
 
 
-def stack_factors(batch: ClientBatch, ranks: Sequence[int]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+def stack_factors(batch: ClientBatch, ranks: Sequence[int], check: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Stack every module's factors over clients, zero-padded to `ranks[m]`.
 
+    Args:
+        batch: the validated clients.
+        ranks: the rank to pad each module to.
+        check: check for NaN/Inf (False: the caller screens the stacks itself).
+
     Returns:
-        A[m] (N, ranks[m], in) and B[m] (N, out, ranks[m]) in the clients' dtype.
+        A[m] (N, ranks[m], in) and B[m] (N, out, ranks[m]) in the clients' dtype: fresh
+        tensors, which the caller may modify in place.
 
     Raises:
-        ValueError naming the client and key of the first factor with NaN/Inf.
+        ValueError naming the client and key of the first factor with NaN/Inf (with `check`).
     """
     A = [torch.stack([pad_rank(s[m.key_A], r, 0) for s in batch.states]) for m, r in zip(batch.modules, ranks)]
     B = [torch.stack([pad_rank(s[m.key_B], r, 1) for s in batch.states]) for m, r in zip(batch.modules, ranks)]
-    keys = [m.key_A for m in batch.modules] + [m.key_B for m in batch.modules]
-    check_finite(batch, A + B, keys)
+    if check:
+        check_finite(batch, A + B, factor_keys(batch))
     return A, B
 
 
-def stack_others(batch: ClientBatch) -> List[torch.Tensor]:
+def factor_keys(batch: ClientBatch) -> List[str]:
+    """The keys of ``stack_factors``' stacks, in order: every module's A key, then every B key."""
+    return [m.key_A for m in batch.modules] + [m.key_B for m in batch.modules]
+
+
+def stack_others(batch: ClientBatch, check: bool = True) -> List[torch.Tensor]:
     """Stack every non-factor tensor over clients: (N, *shape) per key of ``batch.other_keys``.
 
+    Args:
+        batch: the validated clients.
+        check: check the floating tensors for NaN/Inf (False: the caller screens them).
+
     Raises:
-        ValueError naming the client and key of the first floating tensor with NaN/Inf.
+        ValueError naming the client and key of the first floating tensor with NaN/Inf (with `check`).
     """
     stacks = [torch.stack([s[key] for s in batch.states]) for key in batch.other_keys]
-    floating = [(key, t) for key, t in zip(batch.other_keys, stacks) if t.is_floating_point()]
-    check_finite(batch, [t for _, t in floating], [key for key, _ in floating])
+    if check:
+        floating = [(key, t) for key, t in zip(batch.other_keys, stacks) if t.is_floating_point()]
+        check_finite(batch, [t for _, t in floating], [key for key, _ in floating])
     return stacks
 
 

@@ -14,7 +14,7 @@ and fedsa need equal ranks and raise otherwise.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,9 +22,10 @@ from ._checks import check_lam, normalized_weights
 from ._ops import accumulate_dtype, align_and_aggregate
 from ._stacking import pad_rank
 from .baselines import fedex_residual, flexlora_aggregate, weighted_product_sum
-from .client_batch import ClientBatch, FactorSet, collect_clients, collect_reference, require_equal_ranks, stack_factors, stack_others
+from .client_batch import ClientBatch, FactorSet, collect_clients, collect_reference, require_equal_ranks
 from .lora_layout import module_scaling, to_base_layout
 from .schedule import alignment_for_round, rolora_trained_factor
+from .state_policy import Policy, add_delta_noise, add_factor_noise, clip_clients, clip_exponents, noised_factors, screen_clients
 
 __all__ = ["METHODS", "AggregatedState", "aggregate_state_dicts", "align_state_dict"]
 
@@ -40,11 +41,14 @@ class AggregatedState(dict):
         base_deltas: {module path: ΔW} to add to each module's frozen base weight, in
             that weight's layout and already scaled (``fedex``, ``flora``; empty otherwise).
             Apply with :func:`fedrot_ext.fold_into_base`.
+        dropped: ``(client index, reason)`` of every client left out with ``on_invalid="skip"``
+            (the index into ``client_states``; the reason names the key holding NaN/Inf).
     """
 
-    def __init__(self, tensors=(), base_deltas: Optional[Dict[str, torch.Tensor]] = None):
+    def __init__(self, tensors=(), base_deltas: Optional[Dict[str, torch.Tensor]] = None, dropped: Tuple[Tuple[int, str], ...] = ()):
         super().__init__(tensors)
         self.base_deltas = dict(base_deltas or {})
+        self.dropped = tuple(dropped)
 
 
 def _per_dtype(A: Sequence[torch.Tensor], compute) -> list:
@@ -132,7 +136,8 @@ def _frozen_factor(method, batch, A, B, round, trained):
     return frozen, _identical_on_clients(batch, stacks, keys, f"method {method!r} keeps lora_{frozen} frozen{when} (see set_trainable_factor)")
 
 
-def _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config, labels=None) -> AggregatedState:
+def _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config,
+               labels=None, policy: Policy = Policy()) -> AggregatedState:
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     lam = check_lam(lam)
@@ -149,10 +154,12 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
         if reference is None:
             raise ValueError(f"reference: required to align on {align} in round {round} (the previous global adapter), got None")
         refs = collect_reference(reference, batch, align)
-    ranks = [max(rs + ([refs.rank[m]] if refs else [])) for m, rs in enumerate(batch.ranks)]
+    ranks_of = lambda b: [max(rs + ([refs.rank[m]] if refs else [])) for m, rs in enumerate(b.ranks)]  # noqa: E731
+    batch, A, B, other_stacks, w, dropped = screen_clients(batch, weights, w, policy.on_invalid, ranks_of)
     scalings = [module_scaling(lora_config, m, rs, method) for m, rs in zip(batch.modules, batch.ranks)] if method in _DENSE_METHODS else None
-    A, B = stack_factors(batch, ranks)
-    others = _average_others(batch, stack_others(batch), w)
+    others = _average_others(batch, other_stacks, w)
+    if policy.clip_norm is not None:
+        clip_clients(A, B, policy.clip_norm, clip_exponents(method, trained))
 
     if method == "flexlora":
         new_A, new_B = _flexlora(A, B, w)
@@ -161,7 +168,11 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     if method in ("ffa", "rolora"):
         frozen, copies = _frozen_factor(method, batch, A, B, round, trained)
         new_A, new_B = (copies, new_B) if frozen == "A" else (new_A, copies)
+    if policy.noise_multiplier > 0:  # before fedex's residual, which is exact for the factors sent
+        new_A, new_B = add_factor_noise(new_A, new_B, noised_factors(method, trained), policy, w)
     base_deltas = _dense_updates(method, batch, A, B, new_A, new_B, w, lora_config, scalings) if method in _DENSE_METHODS else {}
+    if base_deltas and policy.noise_multiplier > 0:
+        base_deltas = add_delta_noise(base_deltas, scalings, policy, w)
     if method == "flora":
         new_B = [torch.zeros_like(b) for b in new_B]  # the update now lives in the base weight
     if method == "fedsa":
@@ -172,7 +183,7 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
         values[m.key_A] = a
         if b is not None:
             values[m.key_B] = b
-    return AggregatedState(((k, values[k]) for k in batch.states[0] if k in values), base_deltas)
+    return AggregatedState(((k, values[k]) for k in batch.states[0] if k in values), base_deltas, dropped)
 
 
 def aggregate_state_dicts(
@@ -187,6 +198,10 @@ def aggregate_state_dicts(
     initial: Optional[str] = None,
     allow_reflection: bool = False,
     lora_config=None,
+    on_invalid: str = "raise",
+    clip_norm: Optional[float] = None,
+    noise_multiplier: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ) -> AggregatedState:
     """Aggregate N clients' peft adapter state dicts with FedRot-LoRA or a baseline.
 
@@ -224,16 +239,36 @@ def aggregate_state_dicts(
         allow_reflection: rotate over O(r) instead of SO(r) (``fedrot``).
         lora_config: the clients' peft LoraConfig (or adapter_config.json dict); required by
             ``fedex`` and ``flora`` for the scaling and the base layout (``fan_in_fan_out``).
+        on_invalid: "raise" (default) raises naming the client and key of a NaN/Inf in any of
+            its floating tensors; "skip" drops such clients, renormalises the weights over the
+            others (the result equals aggregating without them) and lists them in ``dropped``.
+        clip_norm: if set, each client's whole update ‖ΔW_i‖_F over all LoRA modules (factor
+            units, from r×r Grams) is clipped to it by scaling its factors before the method
+            runs: √s_i on both for fedrot/fedit/flexlora/fedex/flora, s_i on the trained factor
+            for ffa/rolora, s_i on A for fedsa (details: :mod:`fedrot_ext.state_policy`).
+        noise_multiplier: if > 0 (needs clip_norm), Gaussian noise of std
+            noise_multiplier · clip_norm · max_i w_i on the aggregated (not copied) factors, and
+            times each module's scaling on ``base_deltas``. Noise injection, NOT a formal
+            differential-privacy guarantee (the factors' sensitivity is not bounded by the
+            product clip; heads are neither clipped nor noised): see :mod:`fedrot_ext._robust`.
+        generator: torch.Generator on the clients' device for the noise, for reproducibility.
 
     Returns:
-        :class:`AggregatedState`: the aggregated state dict, plus ``base_deltas``.
+        :class:`AggregatedState`: the aggregated state dict, plus ``base_deltas`` and ``dropped``.
+        Bitwise identical across calls and CPU thread counts, except ``flexlora``: its QR/SVD
+        run in LAPACK, whose blocking follows the thread count, so it is bitwise reproducible
+        at a fixed thread count and equal to rounding across thread counts.
 
     Raises:
         ValueError/TypeError naming the client and key: unknown method, unpaired A/B keys,
-        a client missing a module, shape/dtype disagreements, NaN/Inf, a reference missing a
-        key, unequal ranks for ffa/rolora/fedsa, a changed frozen factor. Inputs are never modified.
+        a client missing a module, shape/dtype disagreements, NaN/Inf (unless skipped), a
+        reference missing a key, unequal ranks for ffa/rolora/fedsa, a changed frozen factor;
+        naming the argument for a bad on_invalid, clip_norm or noise_multiplier; with "skip",
+        when no client is left or every kept client has weight 0. Inputs are never modified.
     """
-    return _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config)
+    policy = Policy(on_invalid, clip_norm, noise_multiplier, generator)
+    return _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config,
+                      policy=policy)
 
 
 def align_state_dict(

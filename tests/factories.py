@@ -73,3 +73,40 @@ def assert_unchanged(before, after):
             continue
         for b, a in zip(b_list, a_list):
             assert torch.equal(b, a) or (torch.isnan(b).any() and torch.equal(b.nan_to_num(), a.nan_to_num()))
+
+
+def synthetic_round(modules, n_clients: int, *, seed: int = 0, rotated: bool = True, client_ranks=None,
+                    head_dtype=None, noise: float = 0.3):
+    """peft-style (saved layout) reference and client state dicts without building a model.
+
+    modules: (module path, r, in_features, out_features, dtype) per LoRA module; keys are
+    ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``. Clients are randomly
+    rotated, noisy copies of the reference (``rotated``) or independent draws; with
+    ``client_ranks[m][i]`` client i keeps only the leading rows of A / columns of B of module m.
+    A classifier head (weight (3, 8) and bias) in ``head_dtype`` (default: the first module's
+    dtype), random per client, is added unless ``head_dtype`` is False.
+
+    Returns (reference, clients).
+    """
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    reference, clients = {}, [{} for _ in range(n_clients)]
+    for m, (path, r, d_in, d_out, dtype) in enumerate(modules):
+        key_A, key_B = f"base_model.model.{path}.lora_A.weight", f"base_model.model.{path}.lora_B.weight"
+        a0, b0 = randn(r, d_in) / d_in**0.5, randn(d_out, r) / r**0.5
+        reference[key_A], reference[key_B] = a0.to(dtype), b0.to(dtype)
+        Q = haar_rotations(n_clients, r, g) if rotated else None
+        for i, state in enumerate(clients):
+            if rotated:
+                a = Q[i].T @ (a0 + noise * randn(r, d_in) / d_in**0.5)
+                b = (b0 + noise * randn(d_out, r) / r**0.5) @ Q[i]
+            else:
+                a, b = randn(r, d_in) / d_in**0.5, randn(d_out, r) / r**0.5
+            keep = r if client_ranks is None else client_ranks[m][i]
+            state[key_A], state[key_B] = a[:keep].to(dtype), b[:, :keep].to(dtype)
+    if head_dtype is not False:
+        dtype = head_dtype or modules[0][4]
+        for state in [reference] + clients:
+            state["base_model.model.classifier.weight"] = randn(3, 8).to(dtype)
+            state["base_model.model.classifier.bias"] = randn(3).to(dtype)
+    return reference, clients

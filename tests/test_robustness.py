@@ -120,3 +120,15 @@ def test_policy_arguments_are_checked(kw, pattern):
     p = problem()
     with pytest.raises(ValueError, match=pattern):
         fedrot_ext.align_and_aggregate(p.A, p.B, ref_A=p.ref_A, **kw)
+
+
+def test_clip_norm_catches_updates_whose_norm_overflows_float32():
+    """Finite fp32 factors of 1e20 have ‖B A‖ ~ 1e40 > float32 max: they must still be clipped."""
+    p = make_problem([(4, 20, 16)], n_clients=2, seed=5)
+    A = [p.A[0].clone()]
+    B = [p.B[0].clone()]
+    A[0][1] *= 1e20
+    B[0][1] *= 1e20
+    out = fedrot_ext.align_and_aggregate(A, B, ref_A=p.ref_A, weights=[1.0, 1.0], clip_norm=1.0)
+    assert torch.isfinite(out.A[0]).all() and torch.isfinite(out.B[0]).all()
+    assert float(out.A[0].norm()) < 10 and float(out.B[0].norm()) < 10
