@@ -1,0 +1,300 @@
+"""``FedRotLoRA``: a Flower ``FedAvg`` strategy whose aggregation is fedrot_ext's.
+
+Per round the strategy remembers the global adapter it sent (the reference that
+FedRot-LoRA aligns on), screens each reply on its own (keys, shapes and dtypes equal
+to the global adapter's, finite values, a positive ``num-examples``; a frozen factor
+unchanged for ``ffa``/``rolora``), drops a bad reply with a WARNING log line that names
+the node and the reason, and aggregates the rest with
+:func:`fedrot_ext.aggregate_state_dicts` weighted by ``num-examples``. Non-LoRA tensors
+(classifier head, modules_to_save) are weighted-averaged by the same call.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from .._checks import check_lam
+from ..metrics import state_dict_aggregation_error
+from ..peft_keys import parse_lora_keys
+from ..peft_state import METHODS, AggregatedState, aggregate_state_dicts
+from ..schedule import SCHEDULES, rolora_trained_factor
+from . import _protocol as P
+from ._screen import screen_reply
+from .codec import arrayrecord_to_state_dict, state_dict_to_arrayrecord
+
+__all__ = ["FedRotLoRA", "RoundSummary", "BASE_DELTAS_KEY"]
+
+BASE_DELTAS_KEY = P.BASE_DELTAS_KEY
+_NO_ERROR_METRIC = ("fedsa", "fedex", "flora")  # B personal, or the update is exact via the base weights
+_STRATEGY_ARGUMENTS = ("client_states", "reference", "weights", "method", "round", "lam", "schedule", "initial",
+                       "allow_reflection", "lora_config")
+
+
+@dataclass
+class RoundSummary:
+    """What happened to one training round's replies.
+
+    Attributes:
+        server_round: Flower's 1-based round number.
+        accepted: node ids whose replies were aggregated, in reply order.
+        rejected: {node id: reason} for replies dropped by the checks.
+        failed: {node id: reason} for replies that came back as Flower errors.
+        metrics: the round's aggregation metrics (empty when nothing was aggregated).
+    """
+
+    server_round: int
+    accepted: List[int] = field(default_factory=list)
+    rejected: Dict[int, str] = field(default_factory=dict)
+    failed: Dict[int, str] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+class FedRotLoRA(FedAvg):
+    """Flower strategy that aggregates peft LoRA adapters with fedrot_ext.
+
+    Keeps FedAvg's sampling, configuration and evaluation; replaces the training
+    aggregation. The global ``ArrayRecord`` is the peft adapter state dict
+    (``get_peft_model_state_dict`` layout plus any modules_to_save), encoded with
+    :func:`fedrot_ext.flower.state_dict_to_arrayrecord` (bf16 survives the trip). Flower's
+    ``server-round`` r maps to fedrot_ext's 0-based ``round = r - 1``, so round 1 is plain
+    FedIT and alignment starts in round 2, as in the authors' code.
+
+    Per-round metrics (in the returned ``MetricRecord``, next to the clients' averaged
+    train metrics): ``agg-error-rel-mean`` / ``agg-error-rel-max`` (relative aggregation
+    error ‖Σ w_i B_i A_i − B̄ Ā‖_F / ‖Σ w_i B_i A_i‖_F over LoRA modules; not for fedsa, fedex,
+    flora), ``fedit-error-rel-mean`` / ``fedit-error-rel-max`` (the same for plain FedIT on
+    the same replies; ``method="fedrot"`` only), ``agg-time-s`` (the aggregation call),
+    ``rank`` (largest rank of the aggregate), ``replies-accepted``, ``replies-rejected``.
+    Each round's :class:`RoundSummary` is appended to :attr:`history`.
+
+    Args:
+        method: one of :data:`fedrot_ext.METHODS` ("fedrot", "fedit", "ffa", "rolora",
+            "fedsa", "flexlora", "fedex", "flora").
+        lam: soft-rotation strength λ in [0, 1] (fedrot).
+        schedule: "alternate", "A", "B", "AB" or "none" (fedrot).
+        initial: first factor of the schedule; None: "A" for fedrot, "B" for rolora.
+        allow_reflection: rotate over O(r) instead of SO(r) (fedrot).
+        lora_config: the clients' peft ``LoraConfig``; required by fedex and flora, whose
+            base-weight updates are accumulated in :attr:`base_deltas` and sent to clients
+            under :data:`BASE_DELTAS_KEY`.
+        device: where the server aggregates ("cpu", "cuda", ...).
+        aggregate_options: further keyword arguments for :func:`fedrot_ext.aggregate_state_dicts`
+            (for example ``clip_norm`` or ``noise_multiplier``), passed unchanged every round.
+        report_fedit_error: with method "fedrot", also report FedIT's error on the same replies.
+        **fedavg_kwargs: passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
+            ``min_train_nodes``, ``weighted_by_key``, ``arrayrecord_key``, ...).
+
+    Attributes:
+        history: one :class:`RoundSummary` per training round.
+        base_deltas: {module path: cumulative ΔW} of fedex/flora (empty otherwise); apply it
+            to freshly loaded base weights with :func:`fedrot_ext.fold_into_base`.
+
+    Raises:
+        ValueError: unknown method or schedule, λ outside [0, 1], a bad ``initial``, or a
+            missing ``lora_config`` for fedex/flora, or ``aggregate_options`` naming an
+            argument the strategy sets itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str = "fedrot",
+        lam: float = 0.5,
+        schedule: str = "alternate",
+        initial: Optional[str] = None,
+        allow_reflection: bool = False,
+        lora_config=None,
+        device: Union[str, torch.device] = "cpu",
+        aggregate_options: Optional[Mapping[str, Any]] = None,
+        report_fedit_error: bool = True,
+        **fedavg_kwargs,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+        if initial not in (None, "A", "B"):
+            raise ValueError(f"initial: expected None, 'A' or 'B', got {initial!r}")
+        if method in ("fedex", "flora") and lora_config is None:
+            raise ValueError(f"lora_config: required for method {method!r} (it decides the base-weight update)")
+        self.method = method
+        self.lam = check_lam(lam)
+        self.schedule = schedule
+        self.initial = initial
+        self.allow_reflection = bool(allow_reflection)
+        self.lora_config = lora_config
+        self.device = torch.device(device)
+        self.aggregate_options = dict(aggregate_options or {})
+        taken = sorted(set(self.aggregate_options) & set(_STRATEGY_ARGUMENTS))
+        if taken:
+            raise ValueError(f"aggregate_options: {taken} are set by the strategy; pass them as FedRotLoRA arguments")
+        self.report_fedit_error = report_fedit_error
+        self.history: List[RoundSummary] = []
+        self.base_deltas: Dict[str, torch.Tensor] = {}
+        self._sent: Optional[Tuple[int, ArrayRecord]] = None
+
+    # ------------------------------------------------------------------ configure
+    def summary(self) -> None:
+        """Log FedAvg's summary plus the fedrot_ext settings."""
+        super().summary()
+        log(
+            INFO,
+            "\t└──> fedrot_ext: method=%s, lam=%s, schedule=%s, initial=%s, device=%s",
+            self.method, self.lam, self.schedule, self.initial or "default", self.device,
+        )
+
+    def _add_settings(self, config: ConfigRecord, server_round: int) -> None:
+        config[P.CONFIG_METHOD] = self.method
+        config[P.CONFIG_ROUND] = server_round - 1
+        config[P.CONFIG_LAM] = self.lam
+        config[P.CONFIG_SCHEDULE] = self.schedule
+        config[P.CONFIG_INITIAL] = self.initial or ""
+        config[P.CONFIG_ALLOW_REFLECTION] = self.allow_reflection
+
+    def _attach_base_deltas(self, messages: List[Message]) -> List[Message]:
+        if self.base_deltas:
+            record = state_dict_to_arrayrecord(self.base_deltas)
+            for msg in messages:
+                msg.content[BASE_DELTAS_KEY] = record
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """FedAvg's configure_train, plus the round settings in the config, the base-weight
+        updates (fedex/flora), and remembering ``arrays`` as this round's reference."""
+        self._sent = (server_round, arrays)
+        self._add_settings(config, server_round)
+        return self._attach_base_deltas(list(super().configure_train(server_round, arrays, config, grid)))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """FedAvg's configure_evaluate, plus the round settings and base-weight updates."""
+        self._add_settings(config, server_round)
+        return self._attach_base_deltas(list(super().configure_evaluate(server_round, arrays, config, grid)))
+
+    # ------------------------------------------------------------------ aggregate
+    def _reference(self, server_round: int) -> Dict[str, torch.Tensor]:
+        if self._sent is None or self._sent[0] != server_round:
+            raise RuntimeError(
+                f"FedRotLoRA.aggregate_train(server_round={server_round}): no global adapter was sent for this round; "
+                "call configure_train first (Strategy.start does)"
+            )
+        return arrayrecord_to_state_dict(self._sent[1], device=self.device)
+
+    def _frozen_keys(self, reference: Mapping[str, torch.Tensor], round_idx: int) -> List[str]:
+        if self.method == "ffa":
+            frozen = "A"
+        elif self.method == "rolora":
+            frozen = "A" if rolora_trained_factor(round_idx, self.initial or "B") == "B" else "B"
+        else:
+            return []
+        modules, _ = parse_lora_keys(reference.keys(), owner="global adapter")
+        return [m.key_A if frozen == "A" else m.key_B for m in modules]
+
+    def _aggregate(self, states, weights, reference, round_idx) -> Tuple[AggregatedState, float]:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        aggregated = aggregate_state_dicts(
+            states, reference=reference, weights=weights, method=self.method, round=round_idx, lam=self.lam,
+            schedule=self.schedule, initial=self.initial, allow_reflection=self.allow_reflection, lora_config=self.lora_config,
+            **self.aggregate_options,
+        )
+        sync()
+        return aggregated, time.perf_counter() - start
+
+    def _error_metrics(self, prefix: str, states, aggregated, weights) -> Dict[str, float]:
+        errors = state_dict_aggregation_error(states, aggregated, weights=weights)
+        relative = [rel for _, rel in errors.values()]
+        return {f"{prefix}-error-rel-mean": sum(relative) / len(relative), f"{prefix}-error-rel-max": max(relative)}
+
+    def _round_metrics(self, states, weights, aggregated, new_global, seconds, n_rejected) -> Dict[str, Union[int, float]]:
+        modules, _ = parse_lora_keys(new_global.keys(), owner="global adapter")
+        metrics: Dict[str, Union[int, float]] = {
+            "agg-time-s": seconds,
+            "rank": max(new_global[m.key_A].shape[0] for m in modules),
+            "replies-accepted": len(states),
+            "replies-rejected": n_rejected,
+        }
+        if self.method not in _NO_ERROR_METRIC:
+            metrics.update(self._error_metrics("agg", states, aggregated, weights))
+        if self.method == "fedrot" and self.report_fedit_error:
+            fedit = aggregate_state_dicts(states, weights=weights, method="fedit")
+            metrics.update(self._error_metrics("fedit", states, fedit, weights))
+        return metrics
+
+    def _client_metrics(self, contents) -> Dict[str, Union[int, float]]:
+        try:
+            return dict(self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+        except Exception as err:  # a user function or inconsistent client metrics must not lose the round
+            log(WARNING, "aggregate_train: could not average the clients' train metrics (%s: %s)", type(err).__name__, err)
+            return {}
+
+    def _accumulate_base_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        for path, delta in deltas.items():
+            delta = delta.detach().to("cpu")
+            self.base_deltas[path] = self.base_deltas[path] + delta if path in self.base_deltas else delta.clone()
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Screen each reply, aggregate the good ones with fedrot_ext, report metrics.
+
+        Args:
+            server_round: Flower's 1-based round number.
+            replies: the train replies.
+
+        Returns:
+            (global adapter, metrics), or (None, None) when no reply passed the checks
+            (Flower then keeps the previous global adapter).
+
+        Raises:
+            RuntimeError: ``configure_train`` was not called for this round.
+        """
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        reference = self._reference(server_round)
+        round_idx = server_round - 1
+        frozen = self._frozen_keys(reference, round_idx)
+        summary = RoundSummary(server_round, failed={m.metadata.src_node_id: m.error.reason for m in errors})
+        self.history.append(summary)
+        states, weights, contents = [], [], []
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            try:
+                state, weight = screen_reply(
+                    msg.content, reference, arrayrecord_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key,
+                    frozen_keys=frozen, device=self.device,
+                )
+            except (ValueError, TypeError, KeyError) as err:  # anything a malformed reply can trigger
+                summary.rejected[node] = str(err)
+                log(WARNING, "aggregate_train: round %d: rejected the reply of node %d: %s", server_round, node, err)
+                continue
+            summary.accepted.append(node)
+            states.append(state)
+            weights.append(weight)
+            contents.append(msg.content)
+        if not states:
+            log(WARNING, "aggregate_train: round %d: no usable reply; the global adapter stays as it was", server_round)
+            return None, None
+
+        aggregated, seconds = self._aggregate(states, weights, reference, round_idx)
+        new_global = {key: aggregated.get(key, ref) for key, ref in reference.items()}  # fedsa: B stays
+        metrics = self._round_metrics(states, weights, aggregated, new_global, seconds, len(summary.rejected))
+        summary.metrics = dict(metrics)
+        self._accumulate_base_deltas(aggregated.base_deltas)
+        log(
+            INFO,
+            "aggregate_train: round %d: fedrot_ext %s over %d replies (%d rejected) in %.1f ms; rel. error mean %s, max %s",
+            server_round, self.method, len(states), len(summary.rejected), 1e3 * seconds,
+            _fmt(metrics.get("agg-error-rel-mean")), _fmt(metrics.get("agg-error-rel-max")),
+        )
+        return state_dict_to_arrayrecord(new_global), MetricRecord({**self._client_metrics(contents), **metrics})
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3e}"
