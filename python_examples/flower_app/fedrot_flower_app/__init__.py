@@ -1,0 +1,1 @@
+"""Flower App: federated LoRA fine-tuning with FedRot-LoRA aggregation (fedrot_ext.flower)."""
