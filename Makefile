@@ -25,7 +25,7 @@ bench: $(STAMP)
 	$(PY) bench/run_bench.py --device cpu
 
 bench-smoke: $(STAMP)
-	FEDROT_BENCH_SMOKE=1 $(PY) -m pytest bench -q
+	FEDROT_BENCH=smoke $(PY) -m pytest bench -q
 
 clean:
 	rm -rf build fedrot_ext/_C*.so $(VENV)
