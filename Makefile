@@ -7,7 +7,7 @@ export MAX_JOBS ?= 2
 
 .PHONY: install demo test bench bench-smoke clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py $(shell find csrc -type f)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "torch==2.14.1" "setuptools>=64" wheel ninja numpy
 	$(PY) -m pip install --no-build-isolation -e ".[all]"

@@ -57,9 +57,19 @@ def _cpu_flags():
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []
 
 
+def _sources(with_cuda):
+    # Every .cpp under csrc/; csrc/cuda/ (kernels and their CUDA registrations)
+    # only in the CUDA build. Each backend file registers its own kernels, so
+    # no macro tells the C++ which backends exist.
+    cuda_dir = os.path.join("csrc", "cuda") + os.sep
+    files = glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+    if with_cuda:
+        files += glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
+    return sorted(f for f in files if with_cuda or not f.startswith(cuda_dir))
+
+
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"] + _cpu_flags()
     kwargs = dict(include_dirs=[os.path.join(here, "csrc")], extra_link_args=["-fopenmp"])
     if _want_cuda():
@@ -68,12 +78,13 @@ def _extension():
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         return cpp_extension.CUDAExtension(
             "fedrot_ext._C",
-            cpp + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
-            define_macros=[("FEDROT_WITH_CUDA", None)],
+            _sources(with_cuda=True),
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             **kwargs,
         )
-    return cpp_extension.CppExtension("fedrot_ext._C", cpp, extra_compile_args={"cxx": cxx}, **kwargs)
+    return cpp_extension.CppExtension(
+        "fedrot_ext._C", _sources(with_cuda=False), extra_compile_args={"cxx": cxx}, **kwargs
+    )
 
 
 setup(

@@ -167,6 +167,16 @@ def _haar_so(n_mats: int, r: int, gen: torch.Generator, device) -> torch.Tensor:
     return Q
 
 
+def rotated_clients(ref_a: torch.Tensor, ref_b: torch.Tensor, Q: torch.Tensor, gen: torch.Generator,
+                    noise_a: float, noise_b: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Clients A_i = Q_i Ā + noise_a·ε (N, r, in) and B_i = B̄ Q_iᵀ + noise_b·ε (N, out, r), ε standard normal."""
+    a = torch.matmul(Q, ref_a)
+    a += torch.randn(a.shape, generator=gen, device=a.device, dtype=a.dtype) * noise_a
+    b = torch.matmul(ref_b, Q.transpose(1, 2))
+    b += torch.randn(b.shape, generator=gen, device=b.device, dtype=b.dtype) * noise_b
+    return a, b
+
+
 def make_inputs(cfg: Config, device="cpu", seed: int = 0, noise: float = 0.2) -> Inputs:
     """Clients = randomly rotated noisy copies of a random reference, in cfg's dtype."""
     device = torch.device(device)
@@ -177,11 +187,7 @@ def make_inputs(cfg: Config, device="cpu", seed: int = 0, noise: float = 0.2) ->
     for o, i in cfg.layers:
         ra = torch.randn(r, i, generator=gen, device=device) / i**0.5  # kaiming-like A
         rb = torch.randn(o, r, generator=gen, device=device) * (0.02 / r**0.5)  # B after some rounds
-        Q = _haar_so(N, r, gen, device)
-        a = torch.matmul(Q, ra)  # (N, r, in): Q_i Ā
-        a += torch.randn(a.shape, generator=gen, device=device) * (noise / i**0.5)
-        b = torch.matmul(rb, Q.transpose(1, 2))  # (N, out, r): B̄ Q_iᵀ
-        b += torch.randn(b.shape, generator=gen, device=device) * (noise * 0.02 / r**0.5)
+        a, b = rotated_clients(ra, rb, _haar_so(N, r, gen, device), gen, noise / i**0.5, noise * 0.02 / r**0.5)
         A.append(a.to(dt))
         B.append(b.to(dt))
         ref_A.append(ra.to(dt))

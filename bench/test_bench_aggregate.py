@@ -6,9 +6,11 @@
 
 FEDROT_BENCH: smoke | quick (default) | full. FEDROT_BENCH_DEVICE: cpu (default) | cuda.
 FEDROT_BENCH_BUDGET_GIB: skip configs whose inputs exceed this (default 4).
-Every test also checks that its output matches the fused op's (no timing
-assertions). The loop baseline is skipped where N x layers > 1280 (minutes per
-round); bench/run_bench.py extrapolates it from a subset of layers instead.
+Every test also checks its output against an independent float64 result
+(bench.accuracy.expected: the float64 reference, or float64 batched PyTorch on
+large configs); no timing assertions. The loop baseline is skipped where
+N x layers > 1280 (minutes per round); bench/run_bench.py extrapolates it from
+a subset of layers instead.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 
 import fedrot_ext
 from bench import shapes
-from bench.baselines import authors_loop, torch_batched
+from bench.accuracy import expected, rel_err
+from bench.torch_impls import authors_loop, torch_batched
 
 MODE = os.environ.get("FEDROT_BENCH", "quick")
 DEVICE = os.environ.get("FEDROT_BENCH_DEVICE", "cpu")
@@ -41,11 +44,11 @@ _cache: dict = {}
 
 
 def _inputs(config: str):
-    """Inputs of the current config (one config held at a time) and the fused op's result."""
+    """Inputs of the current config (one config held at a time) and their float64 expected result."""
     if config not in _cache:
         _cache.clear()
         inp = shapes.make_inputs(shapes.parse(config), DEVICE)
-        _cache[config] = (inp, fedrot_ext.align_and_aggregate(inp.A, inp.B, **inp.kwargs()))
+        _cache[config] = (inp, expected(inp.A, inp.B, **inp.kwargs()))
     return _cache[config]
 
 
@@ -63,7 +66,7 @@ def test_aggregate(benchmark, config, impl):
         pytest.skip(f"inputs {shapes.input_bytes(cfg) / 2**30:.1f} GiB > budget {BUDGET:g} GiB")
     if impl == "loop" and cfg.N * len(cfg.layers) > LOOP_MAX_CLIENT_LAYERS:
         pytest.skip("loop baseline too slow for pytest here; see bench/run_bench.py (extrapolated)")
-    inp, expected = _inputs(config)
+    inp, want = _inputs(config)
     fn = IMPLS[impl]
 
     def call():
@@ -82,6 +85,5 @@ def test_aggregate(benchmark, config, impl):
         benchmark.extra_info["GBps"] = shapes.bytes_moved(cfg) / med / 1e9
 
     tol = 1e-3 if cfg.dtype == "fp32" else 2e-2
-    for got, want in zip(out.A + out.B, expected.A + expected.B):
-        err = float((got.double() - want.double()).norm() / want.double().norm())
-        assert err < tol, f"{impl} differs from the fused op by {err:.2e} on {config}"
+    err = rel_err(out, want)
+    assert err < tol, f"{impl} differs from the float64 result by {err:.2e} on {config}"

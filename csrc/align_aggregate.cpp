@@ -1,23 +1,18 @@
 // Front of the fused align-and-aggregate op: argument checks (messages say
 // what was expected), output allocation, the per-rank-bucket tables, and the
-// hand-off to the CPU or CUDA passes. The Python wrapper validates values
-// (weights, NaN/Inf); the checks here keep direct torch.ops callers safe.
-#include <cstring>
+// hand-off to the backend's runner (each backend registers the op itself).
+// The Python wrapper validates values (weights, NaN/Inf); the checks here keep
+// direct torch.ops callers safe.
+#include <algorithm>
 #include <map>
 #include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include "align_aggregate.h"
-#include "align_aggregate_cpu.h"
+#include "common/dispatch.h"
 #include "large_rank_fallback.h"
-#ifdef FEDROT_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-
-#include "align_aggregate_cuda.h"
-#endif
 
 namespace fedrot {
 namespace {
@@ -82,13 +77,6 @@ struct Outputs {
   Tensor status;
 };
 
-// The views, layers and chunk count of one rank bucket.
-struct Tables {
-  std::vector<FactorView> views;
-  std::vector<LayerInfo> layers;
-  int64_t num_chunks = 0, max_rows = 0;
-};
-
 FactorView make_view(const Tensor& x, int64_t dim_t, int64_t dim_j, const Tensor* ref, const Tensor& out,
                      int64_t chunk_begin, int32_t layer) {
   FactorView v{};
@@ -110,9 +98,9 @@ FactorView make_view(const Tensor& x, int64_t dim_t, int64_t dim_j, const Tensor
   return v;
 }
 
-Tables build_tables(const std::vector<size_t>& layer_ids, TensorList A, TensorList B, TensorList ref_A,
-                    TensorList ref_B, int64_t align, Outputs& out) {
-  Tables t;
+GroupTables build_tables(const std::vector<size_t>& layer_ids, TensorList A, TensorList B, TensorList ref_A,
+                         TensorList ref_B, int64_t align, Outputs& out) {
+  GroupTables t;
   for (size_t g = 0; g < layer_ids.size(); ++g) {
     const size_t l = layer_ids[g];
     // A_i (n, in): t = dim 2, j = dim 1.  B_i (out, n): t = dim 1, j = dim 2.
@@ -126,8 +114,8 @@ Tables build_tables(const std::vector<size_t>& layer_ids, TensorList A, TensorLi
   return t;
 }
 
-GroupParams group_params(const Tables& t, const Tensor& weights, int64_t align, double lam, bool allow_reflection,
-                         const Outputs& out) {
+GroupParams group_params(const GroupTables& t, const Tensor& weights, int64_t align, double lam,
+                         bool allow_reflection, const Outputs& out) {
   GroupParams p{};
   p.weights = weights.data_ptr();
   p.status = out.status.data_ptr<int32_t>();
@@ -141,41 +129,11 @@ GroupParams group_params(const Tables& t, const Tensor& weights, int64_t align, 
   return p;
 }
 
-void run_group_cpu(const Tables& t, GroupParams p, int bucket, const Tensor& first, const Tensor& weights) {
-  const int64_t R = bucket;
-  const Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R}, weights.options());
-  p.views = t.views.data();
-  p.layers = t.layers.data();
-  p.coef = coef.data_ptr();
-  align_aggregate_cpu(p, first.scalar_type(), bucket);
-}
-
-#ifdef FEDROT_WITH_CUDA
-// Tables go to the device through pinned memory and an async copy on the
-// current stream: no host synchronisation.
-void run_group_cuda(const Tables& t, GroupParams p, int bucket, const Tensor& first, const Tensor& weights) {
-  const size_t view_bytes = t.views.size() * sizeof(FactorView), layer_bytes = t.layers.size() * sizeof(LayerInfo);
-  Tensor host = at::empty({int64_t(view_bytes + layer_bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), t.views.data(), view_bytes);
-  std::memcpy(static_cast<char*>(host.data_ptr()) + view_bytes, t.layers.data(), layer_bytes);
-  const Tensor table = host.to(first.device(), /*non_blocking=*/true);
-  const int64_t R = bucket, layer_clients = int64_t(t.layers.size()) * p.num_clients;
-  p.cov_splits = covariance_splits(layer_clients, t.max_rows);
-  const Tensor coef = at::empty({layer_clients * R * R}, weights.options());
-  const Tensor cov = at::empty({p.align == kAlignNone ? 0 : layer_clients * p.cov_splits * R * R}, weights.options());
-  p.views = reinterpret_cast<const FactorView*>(table.data_ptr());
-  p.layers = reinterpret_cast<const LayerInfo*>(static_cast<const char*>(table.data_ptr()) + view_bytes);
-  p.coef = coef.data_ptr();
-  p.cov = cov.data_ptr();
-  align_aggregate_cuda(p, first.scalar_type(), bucket);
-}
-#endif
-
 }  // namespace
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor> align_and_aggregate(
-    TensorList A, TensorList B, TensorList ref_A, TensorList ref_B, const Tensor& weights, int64_t align, double lam,
-    bool allow_reflection) {
+AlignAggregateResult align_and_aggregate_impl(TensorList A, TensorList B, TensorList ref_A, TensorList ref_B,
+                                              const Tensor& weights, int64_t align, double lam, bool allow_reflection,
+                                              GroupRunner run_group) {
   check_inputs(A, B, ref_A, ref_B, weights, align, lam);
   const Tensor& first = A[0];
   const int64_t N = first.size(0);
@@ -190,9 +148,6 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor
     out.rotations.push_back(at::empty({N, r, r}, acc_options));
     buckets[rank_bucket(r)].push_back(l);
   }
-#ifdef FEDROT_WITH_CUDA
-  const c10::OptionalDeviceGuard guard(first.device());
-#endif
   for (const auto& [bucket, layer_ids] : buckets) {
     if (bucket == 0) {  // ranks above the compiled buckets
       for (size_t l : layer_ids) {
@@ -202,22 +157,10 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor
       }
       continue;
     }
-    const Tables tables = build_tables(layer_ids, A, B, ref_A, ref_B, align, out);
-    const GroupParams p = group_params(tables, weights, align, lam, allow_reflection, out);
-    if (first.is_cuda()) {
-#ifdef FEDROT_WITH_CUDA
-      run_group_cuda(tables, p, bucket, first, weights);
-#endif
-    } else {
-      run_group_cpu(tables, p, bucket, first, weights);
-    }
+    const GroupTables tables = build_tables(layer_ids, A, B, ref_A, ref_B, align, out);
+    run_group(tables, group_params(tables, weights, align, lam, allow_reflection, out), bucket, first, weights);
   }
   return {out.A, out.B, out.rotations, out.status};
 }
-
-TORCH_LIBRARY_IMPL(fedrot_ext, CPU, m) { m.impl("align_and_aggregate", &align_and_aggregate); }
-#ifdef FEDROT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fedrot_ext, CUDA, m) { m.impl("align_and_aggregate", &align_and_aggregate); }
-#endif
 
 }  // namespace fedrot

@@ -1,5 +1,6 @@
-// Parameters of the fused align-and-aggregate op, shared by the front file,
-// the CPU path and the CUDA path.
+// The fused align-and-aggregate op: the tables its CPU and CUDA passes read,
+// and the front (align_aggregate.cpp) that each backend registers with its
+// own per-bucket runner (cpu/align_aggregate_cpu.cpp, cuda/align_aggregate_cuda.cu).
 //
 // Multi-tensor design (as in apex's multi_tensor_apply): every factor of every
 // layer becomes one FactorView in a flat table, and the work of a pass is a
@@ -11,16 +12,17 @@
 #pragma once
 
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
-#include "host_device.h"
+#include <ATen/core/Tensor.h>
+
+#include "common/host_device.h"
 
 namespace fedrot {
 
 enum AlignMode : int32_t { kAlignNone = 0, kAlignA = 1, kAlignB = 2, kAlignAB = 3 };
 
-// Ranks are compiled as buckets {4, 8, 16, 32, 64} (runtime r <= bucket);
-// larger ranks take the ATen fallback (large_rank_fallback.h).
-constexpr int kMaxFusedRank = 64;
 // Rows (the t dimension) per aggregation chunk.
 constexpr int64_t kChunkRows = 64;
 
@@ -57,10 +59,6 @@ struct GroupParams {
   bool allow_reflection;
 };
 
-inline int rank_bucket(int64_t n) {
-  return n <= 4 ? 4 : n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 ? 32 : n <= kMaxFusedRank ? 64 : 0;
-}
-
 // The view a chunk belongs to (views are ordered by chunk_begin).
 FR_HD int find_view(const FactorView* views, int num_views, int64_t chunk) {
   int lo = 0, hi = num_views - 1;
@@ -70,5 +68,27 @@ FR_HD int find_view(const FactorView* views, int num_views, int64_t chunk) {
   }
   return lo;
 }
+
+// Host tables of one rank bucket, built by the front.
+struct GroupTables {
+  std::vector<FactorView> views;
+  std::vector<LayerInfo> layers;
+  int64_t num_chunks = 0, max_rows = 0;
+};
+
+// Runs both passes for the layers of one rank bucket (`bucket` = R): moves
+// the tables where its kernels read them, allocates its workspaces, fills the
+// pointer fields of `params` and launches. `first` is A[0] (dtype, device).
+using GroupRunner = void (*)(const GroupTables& tables, GroupParams params, int bucket, const at::Tensor& first,
+                             const at::Tensor& weights);
+
+using AlignAggregateResult =
+    std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+
+// The op for any device: checks, outputs, grouping by rank bucket; compiled
+// buckets go to `run_group`, larger ranks to the ATen fallback.
+AlignAggregateResult align_and_aggregate_impl(at::TensorList A, at::TensorList B, at::TensorList ref_A,
+                                              at::TensorList ref_B, const at::Tensor& weights, int64_t align,
+                                              double lam, bool allow_reflection, GroupRunner run_group);
 
 }  // namespace fedrot

@@ -7,7 +7,7 @@
 
 namespace fedrot {
 
-// Batched soft Procrustes (..., n, n) -> (..., n, n), same rules as procrustes.h.
+// Batched soft Procrustes (..., n, n) -> (..., n, n), same rules as common/polar.h.
 at::Tensor soft_procrustes_aten(const at::Tensor& M, double lam, bool allow_reflection);
 
 // One layer: fills out_A (n, in), out_B (out, n), rotations (N, n, n); ORs a

@@ -2,15 +2,15 @@
 // matrices with the same header math as the fused op. Exposed so that users
 // (client-side alignment) and tests can call the per-matrix solver directly.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
-#include "align_aggregate.h"
+#include "common/dispatch.h"
 #include "large_rank_fallback.h"
 #include "procrustes_rotation.h"
 
 namespace fedrot {
 
-at::Tensor procrustes_rotation(const at::Tensor& M, double lam, bool allow_reflection) {
+at::Tensor procrustes_rotation_impl(const at::Tensor& M, double lam, bool allow_reflection,
+                                    BatchRotationRunner run_batch) {
   TORCH_CHECK_VALUE(M.dim() >= 2 && M.size(-1) == M.size(-2) && M.size(-1) > 0,
                     "M: expected shape (..., r, r) with r >= 1, got ", M.sizes());
   TORCH_CHECK_TYPE(M.scalar_type() == at::kFloat || M.scalar_type() == at::kDouble,
@@ -21,21 +21,8 @@ at::Tensor procrustes_rotation(const at::Tensor& M, double lam, bool allow_refle
   const int bucket = rank_bucket(n);
   if (bucket == 0) return soft_procrustes_aten(batch, lam, allow_reflection).reshape(M.sizes());
   at::Tensor out = at::empty_like(batch);
-  if (batch.size(0) > 0) {
-    if (M.is_cuda()) {
-#ifdef FEDROT_WITH_CUDA
-      procrustes_rotation_cuda(batch, out, lam, allow_reflection, bucket);
-#endif
-    } else {
-      procrustes_rotation_cpu(batch, out, lam, allow_reflection, bucket);
-    }
-  }
+  if (batch.size(0) > 0) run_batch(batch, out, lam, allow_reflection, bucket);
   return out.reshape(M.sizes());
 }
-
-TORCH_LIBRARY_IMPL(fedrot_ext, CPU, m) { m.impl("procrustes_rotation", &procrustes_rotation); }
-#ifdef FEDROT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fedrot_ext, CUDA, m) { m.impl("procrustes_rotation", &procrustes_rotation); }
-#endif
 
 }  // namespace fedrot

@@ -7,14 +7,20 @@ factor-wise averaging, in one fused C++/CUDA op over all layers and clients.
 from . import reference
 from ._ops import accumulate_dtype, align_and_aggregate, procrustes_rotation
 from ._types import ALIGN_MODES, Aggregate
-from .adapter_io import load_adapter
 from .baselines import fedex_residual, flexlora_aggregate, weighted_product_sum
-from .lora_layout import fold_into_base
+from .methods import METHOD_TABLE, METHODS, Method
 from .metrics import AggregationError, aggregation_error, state_dict_aggregation_error
-from .peft_keys import LoraModule, parse_lora_keys
-from .peft_state import METHODS, AggregatedState, aggregate_state_dicts, align_state_dict
+from .peft import (
+    AggregatedState,
+    LoraModule,
+    aggregate_state_dicts,
+    align_state_dict,
+    fold_into_base,
+    load_adapter,
+    parse_lora_keys,
+    set_trainable_factor,
+)
 from .schedule import SCHEDULES, alignment_for_round, rolora_trained_factor
-from .trainable import set_trainable_factor
 
 __version__ = "0.1.0"
 
@@ -26,6 +32,8 @@ __all__ = [
     "procrustes_rotation",
     "reference",
     "METHODS",
+    "METHOD_TABLE",
+    "Method",
     "SCHEDULES",
     "AggregatedState",
     "AggregationError",

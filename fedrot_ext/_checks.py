@@ -91,10 +91,25 @@ def check_factors(A, B, ref_A, ref_B, align: str):
                 raise TypeError(f"{name}[{l}]: expected dtype {dtype} (as A[0]), got {t.dtype}")
             if t.device != device:
                 raise ValueError(f"{name}[{l}]: expected device {device} (as A[0]), got {t.device}")
-            if needed[name] and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}[{l}]: expected finite values, found NaN or Inf")
         checked[name] = ref
     return A, B, checked["ref_A"], checked["ref_B"], N, dtype, device
+
+
+def all_finite(tensors, device) -> torch.Tensor:
+    """A 0-d bool tensor on `device`: every tensor is free of NaN/Inf. No host synchronisation:
+    the caller reads it together with whatever else it must read (one sync for both)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def nonfinite_reference_error(ref_A, ref_B, align: str) -> ValueError:
+    """The error naming the first reference layer holding NaN/Inf (slow path, after all_finite failed)."""
+    for name, refs, used in (("ref_A", ref_A, align in ("A", "AB")), ("ref_B", ref_B, align in ("B", "AB"))):
+        for l, t in enumerate(refs if used else []):
+            if not bool(torch.isfinite(t).all()):
+                return ValueError(f"{name}[{l}]: expected finite values, found NaN or Inf")
+    return ValueError("ref_A/ref_B: expected finite values, found NaN or Inf")
 
 
 def raw_weights(weights, N: int) -> torch.Tensor:
@@ -115,12 +130,13 @@ def normalized_weights(weights, N: int, device, acc_dtype: torch.dtype) -> torch
         raise ValueError(f"weights: expected shape ({N},) (one per client), got {tuple(w.shape)}")
     if w.device.type != "cpu" and w.device != device:
         raise ValueError(f"weights: expected device {device} or cpu (as A[0]), got {w.device}")
-    w64 = w.to("cpu", torch.float64)  # N scalars: one small copy, checked on the host
-    if not bool(torch.isfinite(w64).all()):
+    w64 = w.to("cpu", torch.float64)  # N scalars: one small copy, checked on the host in one read
+    values = w64.tolist()
+    if not all(math.isfinite(v) for v in values):
         raise ValueError("weights: expected finite values, found NaN or Inf")
-    if bool((w64 < 0).any()):
-        raise ValueError(f"weights: expected non-negative values, got min {float(w64.min())}")
-    total = float(w64.sum())
+    if min(values) < 0:
+        raise ValueError(f"weights: expected non-negative values, got min {min(values)}")
+    total = math.fsum(values)
     if not total > 0 or not math.isfinite(total):
         raise ValueError("weights: expected a positive sum, got all zeros")
     return (w64 / total).to(device=device, dtype=acc_dtype)

@@ -3,8 +3,10 @@
 The heavy lifting (cross-covariances, batched polar factors, rotated weighted
 averages over every layer and client) happens in csrc/ in a fixed number of
 passes. This file validates arguments, normalises weights, registers the
-fake (meta) kernels used by torch.compile / opcheck, and turns the op's
-status flag into a clear Python exception.
+fake (meta) kernels used by torch.compile / opcheck and a backward that
+refuses clearly, and turns the op's status flag into a clear Python
+exception. Callers that validated their inputs already (the peft layer)
+use :func:`fused_align_aggregate`, which checks nothing and never syncs.
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ from typing import Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.fedrot_ext)
-from ._checks import check_align, check_factors, check_lam, check_robustness, normalized_weights
+from ._checks import all_finite, check_align, check_factors, check_lam, check_robustness, nonfinite_reference_error, normalized_weights
 from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients, noise_std, surviving_weights
 from ._types import ALIGN_CODES, Aggregate
 
-__all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype"]
+__all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype", "fused_align_aggregate"]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,12 +42,29 @@ def _procrustes_rotation_fake(M, lam, allow_reflection):
     return torch.empty_like(M, memory_format=torch.contiguous_format)
 
 
-def procrustes_rotation(M: torch.Tensor, lam: float = 1.0, allow_reflection: bool = False) -> torch.Tensor:
+def _no_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fedrot_ext::{op} has no backward: aggregation is not differentiable here (the rotations come "
+            "from an SVD-based polar factor). Call it under torch.no_grad(), or pass detached tensors "
+            "(t.detach()), when the result does not need gradients."
+        )
+
+    return backward
+
+
+# Without a registered backward, autograd would silently drop the graph (A.grad stays None).
+torch.library.register_autograd("fedrot_ext::align_and_aggregate", _no_backward("align_and_aggregate"))
+torch.library.register_autograd("fedrot_ext::procrustes_rotation", _no_backward("procrustes_rotation"))
+
+
+def procrustes_rotation(M: torch.Tensor, lam: float = 0.5, allow_reflection: bool = False) -> torch.Tensor:
     """Batched soft orthogonal Procrustes: R = polar((1-λ) I + λ R*), R* = argmax_R tr(Rᵀ M).
 
     M: (..., r, r) float32 or float64 cross-covariances (e.g. A_i Āᵀ). Returns R of
     the same shape and dtype, with det R = +1 unless `allow_reflection`. A zero M
     gives the identity. Runs the same header-only Jacobi SVD as the fused op.
+    ``lam`` defaults to 0.5, as everywhere in the API; pass 1.0 for the hard Procrustes solution.
     """
     if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2]:
         shape = tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__
@@ -60,16 +79,29 @@ def procrustes_rotation(M: torch.Tensor, lam: float = 1.0, allow_reflection: boo
     return torch.ops.fedrot_ext.procrustes_rotation(M, lam, bool(allow_reflection))
 
 
-def _fused(A, B, ref_A, ref_B, w, align: str, lam: float, allow_reflection: bool, clip_norm):
-    """One call of the fused op; clipping enters as per-client scales of the weights."""
-    if clip_norm is not None:
-        # Norms in float64: finite factors of ~1e19 would overflow a float32 norm and escape the clip.
-        w = w * clip_scales(client_update_norms(A, B, torch.float64), clip_norm).sqrt().to(w.dtype)
+def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, align: str, lam: float, allow_reflection: bool):
+    """The unchecked entry of the fused op, for callers that validated everything already.
+
+    A, B, ref_A, ref_B as in :func:`align_and_aggregate` (refs None when not used); w the
+    normalised (N,) weights in the accumulate dtype on the factors' device. Returns
+    (out_A, out_B, rotations, status) without synchronising: status is a (1,) int32 tensor,
+    non-zero iff an aggregate came out non-finite.
+    """
     use_A, use_B = align in ("A", "AB"), align in ("B", "AB")
     out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
         A, B, ref_A if use_A else [], ref_B if use_B else [], w, ALIGN_CODES[align], lam, bool(allow_reflection)
     )
-    return list(out_A), list(out_B), list(rots), int(status.item()) != 0  # the one host synchronisation
+    return list(out_A), list(out_B), list(rots), status
+
+
+def _fused(A, B, ref_A, ref_B, w, align: str, lam: float, allow_reflection: bool, clip_norm, ref_ok):
+    """One op call plus the one host synchronisation: (outputs..., aggregate failed, references finite)."""
+    if clip_norm is not None:
+        # Norms in float64: finite factors of ~1e19 would overflow a float32 norm and escape the clip.
+        w = w * clip_scales(client_update_norms(A, B, torch.float64), clip_norm).sqrt().to(w.dtype)
+    out_A, out_B, rots, status = fused_align_aggregate(A, B, ref_A, ref_B, w, align, lam, allow_reflection)
+    failed, refs_finite = torch.stack([status[0] != 0, ref_ok.to(status.device)]).tolist()  # the one host sync
+    return out_A, out_B, rots, bool(failed), bool(refs_finite)
 
 
 def _overflow_error(dtype) -> ValueError:
@@ -137,7 +169,11 @@ def align_and_aggregate(
     check_robustness(on_invalid, clip_norm, noise_multiplier)
     A, B, ref_A, ref_B, N, dtype, device = check_factors(A, B, ref_A, ref_B, align)
     w = normalized_weights(weights, N, device, accumulate_dtype(dtype))
-    out_A, out_B, rots, failed = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm)
+    refs = (ref_A if align in ("A", "AB") else []) + (ref_B if align in ("B", "AB") else [])
+    ref_ok = all_finite(refs, device)  # read with the op's status flag: one synchronisation for both
+    out_A, out_B, rots, failed, refs_finite = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm, ref_ok)
+    if not refs_finite:
+        raise nonfinite_reference_error(ref_A, ref_B, align)
     dropped = ()
     if failed:
         bad = invalid_clients(A, B)
@@ -150,7 +186,7 @@ def align_and_aggregate(
         keep = torch.tensor(kept, dtype=torch.long, device=device)
         A = [a.index_select(0, keep) for a in A]
         B = [b.index_select(0, keep) for b in B]
-        out_A, out_B, kept_rots, failed = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm)
+        out_A, out_B, kept_rots, failed, _ = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm, ref_ok)
         if failed:
             raise _overflow_error(dtype)
         rots = [torch.eye(R.shape[-1], dtype=R.dtype, device=device).repeat(N, 1, 1).index_copy_(0, keep, R)

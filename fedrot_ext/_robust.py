@@ -16,7 +16,7 @@ What they guarantee, and what they do not:
   accounting on a mechanism whose sensitivity you have bounded.
 
 :func:`fedrot_ext.aggregate_state_dicts` applies the same policy to every method through
-:mod:`fedrot_ext.state_policy`, which says how each method splits the clip over its factors
+:mod:`fedrot_ext.peft.policy`, which (with :mod:`fedrot_ext.methods`) says how each method splits the clip over its factors
 and which released tensors it noises.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ the ones that are not factor-wise averages:
 - FedEx-LoRA: the residual Σ_i w_i B_i A_i − B̄ Ā that FedIT's factor average misses.
 - FLoRA: Σ_i w_i B_i A_i itself (the stacked factors' product), to merge into the base weight.
 
-Dense results are (out_l, in_l) in the B A layout and unscaled; :mod:`fedrot_ext.lora_layout`
+Dense results are (out_l, in_l) in the B A layout and unscaled; :mod:`fedrot_ext.peft.model`
 applies the LoRA scaling and the base weight's layout (Conv1D, embeddings).
 Layers of equal shape are batched into one QR / SVD / matmul call.
 """
@@ -23,7 +23,7 @@ from ._ops import accumulate_dtype, align_and_aggregate
 from ._stacking import centered_terms, check_aggregate, flat_A, flat_B, pad_rank, shape_groups, stack_layers, term_coefficients
 from ._types import Aggregate
 
-__all__ = ["flexlora_aggregate", "fedex_residual", "weighted_product_sum"]
+__all__ = ["flexlora_aggregate", "fedex_residual", "weighted_product_sum", "flexlora_factors", "fedex_terms", "product_sums"]
 
 
 def _validated(A, B, weights):
@@ -66,7 +66,15 @@ def flexlora_aggregate(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *, 
     """
     A, B, w, dtype, acc = _validated(A, B, weights)
     _check_rank(rank)
-    root_w = w.sqrt().view(1, -1, 1, 1)
+    out_A, out_B = flexlora_factors(A, B, w, rank)
+    return Aggregate(out_A, out_B, None)
+
+
+def flexlora_factors(A, B, w: torch.Tensor, rank: Optional[int] = None):
+    """:func:`flexlora_aggregate` without checks: validated stacks, w normalised on their device.
+    Returns (A list, B list) in the input dtype."""
+    dtype, acc = A[0].dtype, accumulate_dtype(A[0].dtype)
+    root_w = w.to(acc).sqrt().view(1, -1, 1, 1)
     out_A: List[torch.Tensor] = [None] * len(A)
     out_B: List[torch.Tensor] = [None] * len(A)
     for idx in shape_groups(A, B):
@@ -82,13 +90,15 @@ def flexlora_aggregate(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *, 
         for j, l in enumerate(idx):
             out_A[l] = pad_rank(new_A[j], r_out, 0).to(dtype)
             out_B[l] = pad_rank(new_B[j], r_out, 1).to(dtype)
-    return Aggregate(out_A, out_B, None)
+    return out_A, out_B
 
 
-def _combined_products(A_ext, B_ext, coeffs: torch.Tensor, acc: torch.dtype) -> List[torch.Tensor]:
-    """Σ_k c_k B_k A_k per layer, one batched matmul per shape group."""
+def product_sums(A_ext, B_ext, coeffs: torch.Tensor) -> List[torch.Tensor]:
+    """Σ_k c_k B_k A_k per layer (no checks), one batched matmul per shape group, in the
+    accumulate dtype of the factors (FLoRA's merge when c = w)."""
+    acc = accumulate_dtype(A_ext[0].dtype)
     out: List[torch.Tensor] = [None] * len(A_ext)
-    c = coeffs.view(1, -1, 1, 1)
+    c = coeffs.to(acc).view(1, -1, 1, 1)
     for idx in shape_groups(A_ext, B_ext):
         prod = flat_B(stack_layers(B_ext, idx, acc) * c) @ flat_A(stack_layers(A_ext, idx, acc))
         for j, l in enumerate(idx):
@@ -111,7 +121,7 @@ def weighted_product_sum(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *
         ValueError/TypeError naming the argument for bad shapes, dtypes or weights.
     """
     A, B, w, dtype, acc = _validated(A, B, weights)
-    return _combined_products(A, B, w, acc)
+    return product_sums(A, B, w)
 
 
 def fedex_residual(
@@ -146,9 +156,14 @@ def fedex_residual(
     if (agg_A is None) != (agg_B is None):
         raise ValueError("agg_A/agg_B: pass both aggregated factors or neither (None means FedIT's average)")
     if agg_A is None:
-        agg = align_and_aggregate(A, B, weights=w, align="none")
+        agg = align_and_aggregate(A, B, weights=w, align="none")  # also rejects NaN/Inf clients
         agg_A, agg_B = agg.A, agg.B
     else:
         check_aggregate(agg_A, agg_B, A, B)
-    A_ext, B_ext = centered_terms(A, B, agg_A, agg_B, acc)
-    return _combined_products(A_ext, B_ext, term_coefficients(w, 0.0), acc)
+    return fedex_terms(A, B, agg_A, agg_B, w)
+
+
+def fedex_terms(A, B, agg_A, agg_B, w: torch.Tensor) -> List[torch.Tensor]:
+    """:func:`fedex_residual` without checks (validated stacks and aggregate, w normalised)."""
+    A_ext, B_ext = centered_terms(A, B, agg_A, agg_B, accumulate_dtype(A[0].dtype))
+    return product_sums(A_ext, B_ext, term_coefficients(w, 0.0))

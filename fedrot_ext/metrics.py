@@ -75,6 +75,11 @@ def aggregation_error(
         agg_A, agg_B = agg.A, agg.B
     else:
         check_aggregate(agg_A, agg_B, A, B)
+    return _error_of(A, B, agg_A, agg_B, w)
+
+
+def _error_of(A, B, agg_A, agg_B, w: torch.Tensor) -> AggregationError:
+    """:func:`aggregation_error` of validated factors and aggregate (w normalised, float64)."""
     A_ext, B_ext = centered_terms(A, B, agg_A, agg_B, torch.float64)
     error_sq, ideal_sq = _quadratic_forms(A_ext, B_ext, [term_coefficients(w, 0.0), term_coefficients(w, 1.0)])
     absolute = error_sq.clamp_min(0).sqrt()
@@ -100,12 +105,13 @@ def state_dict_aggregation_error(
         ValueError/TypeError naming the client and key for malformed client states, or
         ``aggregated`` and the key for a missing or mis-shaped factor.
     """
-    from .client_batch import collect_clients, collect_reference, stack_factors
+    from .peft.batch import collect_clients, collect_reference, stack_factors  # the peft layer imports this module
 
     batch = collect_clients(client_states)
     agg = collect_reference(aggregated, batch, "AB", label="aggregated")
-    A, B = stack_factors(batch, [max(ranks) for ranks in batch.ranks])
+    A, B = stack_factors(batch, [max(ranks) for ranks in batch.ranks])  # names the client and key of a NaN
     as64 = lambda ts: [t.double() for t in ts]  # modules may differ in dtype; the metric is float64 anyway
-    result = aggregation_error(as64(A), as64(B), agg_A=as64(agg.A), agg_B=as64(agg.B), weights=weights)
+    w = normalized_weights(weights, len(batch.states), batch.device, torch.float64)
+    result = _error_of(as64(A), as64(B), as64(agg.A), as64(agg.B), w)
     values = torch.stack([result.absolute, result.relative], dim=1).tolist()
     return {m.name: (v[0], v[1]) for m, v in zip(batch.modules, values)}

@@ -1,7 +1,7 @@
 """Plain float64 PyTorch implementation of the fedrot_ext contract.
 
 This is the ground truth the tests compare the fused extension against. It
-follows ../METHOD.md literally: one SVD per (layer, client), the determinant
+follows docs/METHOD.md literally: one SVD per (layer, client), the determinant
 fix on the smallest singular pair, the soft step through a second SVD, and
 factor-wise weighted averaging. It is deliberately slow and obvious.
 """
@@ -13,7 +13,7 @@ import torch
 
 from ._types import ALIGN_MODES, Aggregate
 
-__all__ = ["procrustes_rotation", "align_and_aggregate"]
+__all__ = ["procrustes_rotation_ref", "align_and_aggregate_ref", "procrustes_rotation", "align_and_aggregate"]
 
 
 def _polar_so(M: torch.Tensor, allow_reflection: bool) -> torch.Tensor:
@@ -27,7 +27,7 @@ def _polar_so(M: torch.Tensor, allow_reflection: bool) -> torch.Tensor:
     return R
 
 
-def procrustes_rotation(M: torch.Tensor, lam: float = 1.0, allow_reflection: bool = False) -> torch.Tensor:
+def procrustes_rotation_ref(M: torch.Tensor, lam: float = 0.5, allow_reflection: bool = False) -> torch.Tensor:
     """R = polar((1-λ) I + λ R*) with R* = argmax_{R} tr(Rᵀ M), for a batch (..., r, r)."""
     M = M.detach().to(torch.float64)
     r = M.shape[-1]
@@ -46,7 +46,7 @@ def procrustes_rotation(M: torch.Tensor, lam: float = 1.0, allow_reflection: boo
     return out.reshape(M.shape)
 
 
-def align_and_aggregate(
+def align_and_aggregate_ref(
     A: Sequence[torch.Tensor],
     B: Sequence[torch.Tensor],
     *,
@@ -81,10 +81,16 @@ def align_and_aggregate(
         if align == "none":
             R = torch.eye(r, dtype=torch.float64).expand(N, r, r).clone()
         else:
-            R = procrustes_rotation(M, lam, allow_reflection)
+            R = procrustes_rotation_ref(M, lam, allow_reflection)
         a_rot = R.transpose(1, 2) @ a  # Ã_i = R_iᵀ A_i
         b_rot = b @ R  # B̃_i = B_i R_i
         outs_A.append(torch.einsum("i,ijk->jk", w, a_rot))
         outs_B.append(torch.einsum("i,ijk->jk", w, b_rot))
         rots.append(R)
     return Aggregate(outs_A, outs_B, rots if return_rotations else None)
+
+
+# The names of the ops they mirror: ``reference.align_and_aggregate`` is the float64 twin of
+# ``fedrot_ext.align_and_aggregate``.
+procrustes_rotation = procrustes_rotation_ref
+align_and_aggregate = align_and_aggregate_ref

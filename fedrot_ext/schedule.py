@@ -1,6 +1,6 @@
 """Round schedules: which factor drives FedRot-LoRA's rotation, which factor RoLoRA trains.
 
-Rounds are 0-based, as in the authors' code (METHOD.md, "Schedule").
+Rounds are 0-based, as in the authors' code (docs/METHOD.md, "Schedule").
 """
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ def _check_round(round: Optional[int], required: bool, why: str) -> Optional[int
     return round
 
 
-def _check_factor(name: str, factor: str) -> str:
+def check_factor(name: str, factor: str) -> str:
     if factor not in FACTORS:
         raise ValueError(f"{name}: expected 'A' or 'B', got {factor!r}")
     return factor
 
 
-def alignment_for_round(round: Optional[int], schedule: str = "alternate", initial: str = "A") -> str:
+def alignment_for_round(round: Optional[int], schedule: str = "alternate", initial: Optional[str] = None) -> str:
     """The alignment mode of FedRot-LoRA in a round.
 
     Round 0 is never aligned (plain FedIT): the clients all start from the same global
@@ -38,7 +38,7 @@ def alignment_for_round(round: Optional[int], schedule: str = "alternate", initi
     Args:
         round: 0-based round index; may be None for a fixed schedule (then every call aligns).
         schedule: one of :data:`SCHEDULES`.
-        initial: "A" or "B", the factor of round 1 under ``"alternate"``.
+        initial: "A" or "B", the factor of round 1 under ``"alternate"``; None means "A".
 
     Returns:
         "none", "A", "B" or "AB": the ``align`` argument of :func:`fedrot_ext.align_and_aggregate`.
@@ -48,7 +48,7 @@ def alignment_for_round(round: Optional[int], schedule: str = "alternate", initi
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
-    _check_factor("initial", initial)
+    initial = check_factor("initial", "A" if initial is None else initial)
     round = _check_round(round, schedule == "alternate", "for schedule='alternate' (odd/even rounds pick the factor)")
     if round == 0:
         return "none"
@@ -58,7 +58,7 @@ def alignment_for_round(round: Optional[int], schedule: str = "alternate", initi
     return initial if round % 2 == 1 else other
 
 
-def rolora_trained_factor(round: int, initial: str = "B") -> str:
+def rolora_trained_factor(round: int, initial: Optional[str] = None) -> str:
     """The factor RoLoRA clients train in a round (the other one stays frozen).
 
     RoLoRA alternates: ``initial`` in even rounds (0, 2, ...), the other factor in odd
@@ -67,7 +67,7 @@ def rolora_trained_factor(round: int, initial: str = "B") -> str:
 
     Args:
         round: 0-based round index.
-        initial: "A" or "B", the factor trained in round 0.
+        initial: "A" or "B", the factor trained in round 0; None means "B".
 
     Returns:
         "A" or "B".
@@ -75,7 +75,7 @@ def rolora_trained_factor(round: int, initial: str = "B") -> str:
     Raises:
         ValueError: missing or negative round, or an initial factor other than "A"/"B".
     """
-    _check_factor("initial", initial)
+    initial = check_factor("initial", "B" if initial is None else initial)
     round = _check_round(round, True, "for RoLoRA (the round decides which factor was trained)")
     other = "B" if initial == "A" else "A"
     return initial if round % 2 == 0 else other

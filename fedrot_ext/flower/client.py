@@ -14,7 +14,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
-from ..peft_state import align_state_dict
+from ..peft.aggregate import align_state_dict
 from . import _protocol as P
 from .codec import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 
@@ -135,11 +135,11 @@ def align_for_upload(
         settings = round_settings(settings)
     return align_state_dict(
         trained,
-        global_state,
+        reference=global_state,
         round=settings.round,
         lam=settings.lam,
         schedule=settings.schedule,
-        initial=settings.initial or "A",
+        initial=settings.initial,
         allow_reflection=settings.allow_reflection,
     )
 

@@ -22,10 +22,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from .._checks import check_lam
+from ..methods import check_initial, get_method
 from ..metrics import state_dict_aggregation_error
-from ..peft_keys import parse_lora_keys
-from ..peft_state import METHODS, AggregatedState, aggregate_state_dicts
-from ..schedule import SCHEDULES, rolora_trained_factor
+from ..peft.aggregate import AggregatedState, aggregate_state_dicts
+from ..peft.keys import parse_lora_keys
+from ..schedule import SCHEDULES
 from . import _protocol as P
 from ._screen import screen_reply
 from .codec import arrayrecord_to_state_dict, state_dict_to_arrayrecord
@@ -33,7 +34,6 @@ from .codec import arrayrecord_to_state_dict, state_dict_to_arrayrecord
 __all__ = ["FedRotLoRA", "RoundSummary", "BASE_DELTAS_KEY"]
 
 BASE_DELTAS_KEY = P.BASE_DELTAS_KEY
-_NO_ERROR_METRIC = ("fedsa", "fedex", "flora")  # B personal, or the update is exact via the base weights
 _STRATEGY_ARGUMENTS = ("client_states", "reference", "weights", "method", "round", "lam", "schedule", "initial",
                        "allow_reflection", "lora_config")
 
@@ -69,9 +69,10 @@ class FedRotLoRA(FedAvg):
 
     Per-round metrics (in the returned ``MetricRecord``, next to the clients' averaged
     train metrics): ``agg-error-rel-mean`` / ``agg-error-rel-max`` (relative aggregation
-    error ‖Σ w_i B_i A_i − B̄ Ā‖_F / ‖Σ w_i B_i A_i‖_F over LoRA modules; not for fedsa, fedex,
-    flora), ``fedit-error-rel-mean`` / ``fedit-error-rel-max`` (the same for plain FedIT on
-    the same replies; ``method="fedrot"`` only), ``agg-time-s`` (the aggregation call),
+    error ‖Σ w_i B_i A_i − B̄ Ā‖_F / ‖Σ w_i B_i A_i‖_F over LoRA modules; only for methods whose
+    ``Method.factor_error`` is set, so not fedsa, fedex, flora), ``fedit-error-rel-mean`` /
+    ``fedit-error-rel-max`` (the same for plain FedIT on the same replies; ``method="fedrot"``
+    with ``report_fedit_error=True`` only), ``agg-time-s`` (the aggregation call),
     ``rank`` (largest rank of the aggregate), ``replies-accepted``, ``replies-rejected``.
     Each round's :class:`RoundSummary` is appended to :attr:`history`.
 
@@ -88,7 +89,8 @@ class FedRotLoRA(FedAvg):
         device: where the server aggregates ("cpu", "cuda", ...).
         aggregate_options: further keyword arguments for :func:`fedrot_ext.aggregate_state_dicts`
             (for example ``clip_norm`` or ``noise_multiplier``), passed unchanged every round.
-        report_fedit_error: with method "fedrot", also report FedIT's error on the same replies.
+        report_fedit_error: with method "fedrot", also aggregate the same replies with FedIT and
+            report its error (off by default: it costs a second aggregation every round).
         **fedavg_kwargs: passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
             ``min_train_nodes``, ``weighted_by_key``, ``arrayrecord_key``, ...).
 
@@ -114,17 +116,15 @@ class FedRotLoRA(FedAvg):
         lora_config=None,
         device: Union[str, torch.device] = "cpu",
         aggregate_options: Optional[Mapping[str, Any]] = None,
-        report_fedit_error: bool = True,
+        report_fedit_error: bool = False,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
-        if method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        self.spec = get_method(method)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
-        if initial not in (None, "A", "B"):
-            raise ValueError(f"initial: expected None, 'A' or 'B', got {initial!r}")
-        if method in ("fedex", "flora") and lora_config is None:
+        check_initial(initial)
+        if self.spec.dense and lora_config is None:
             raise ValueError(f"lora_config: required for method {method!r} (it decides the base-weight update)")
         self.method = method
         self.lam = check_lam(lam)
@@ -189,11 +189,8 @@ class FedRotLoRA(FedAvg):
         return arrayrecord_to_state_dict(self._sent[1], device=self.device)
 
     def _frozen_keys(self, reference: Mapping[str, torch.Tensor], round_idx: int) -> List[str]:
-        if self.method == "ffa":
-            frozen = "A"
-        elif self.method == "rolora":
-            frozen = "A" if rolora_trained_factor(round_idx, self.initial or "B") == "B" else "B"
-        else:
+        frozen = self.spec.frozen_factor(round_idx, self.initial)
+        if frozen is None:
             return []
         modules, _ = parse_lora_keys(reference.keys(), owner="global adapter")
         return [m.key_A if frozen == "A" else m.key_B for m in modules]
@@ -223,9 +220,9 @@ class FedRotLoRA(FedAvg):
             "replies-accepted": len(states),
             "replies-rejected": n_rejected,
         }
-        if self.method not in _NO_ERROR_METRIC:
+        if self.spec.factor_error:
             metrics.update(self._error_metrics("agg", states, aggregated, weights))
-        if self.method == "fedrot" and self.report_fedit_error:
+        if self.spec.aligns and self.report_fedit_error:
             fedit = aggregate_state_dicts(states, weights=weights, method="fedit")
             metrics.update(self._error_metrics("fedit", states, fedit, weights))
         return metrics

@@ -35,6 +35,7 @@ def _strategy(rc, lora_config) -> FedRotLoRA:
         method="fedit" if placement == "client" else method, lam=float(rc["lam"]), schedule=str(rc["schedule"]),
         lora_config=lora_config, device=str(rc["server-device"]), fraction_train=float(rc["fraction-train"]),
         fraction_evaluate=float(rc["fraction-evaluate"]), min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes,
+        report_fedit_error=True,  # the example prints FedIT's error beside FedRot's
     )
 
 

@@ -1,0 +1,77 @@
+"""The benchmark's rows as a terminal table, a launch-count table, or markdown merged from JSON files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+LABEL = {"fused": "fused (a)", "loop": "loop (b)", "batched": "batched (c)"}
+
+
+def _cells(r: dict) -> dict:
+    """The optional figures of a timed row, formatted the same in every table."""
+    return {
+        "vs_b": f"{r['speedup_vs_loop']:.1f}x" if "speedup_vs_loop" in r else "-",
+        "vs_c": f"{r['speedup_vs_batched']:.2f}x" if "speedup_vs_batched" in r else "-",
+        "mem": "n/a" if r.get("peak_extra_bytes") is None else f"{r['peak_extra_bytes'] / 2**20:.1f}",
+        "err": f"{r['err_vs_ref']:.1e}" if "err_vs_ref" in r else "-",
+        "note": f"extrapolated from {r['layers_run']}/{r['layers']} layers" if r.get("extrapolated") else "",
+    }
+
+
+def fmt_table(rows: List[dict]) -> str:
+    """Header, rule, then one line a row (fmt_table([]) is the header alone, printed before the first config)."""
+    head = (f"{'config':32} {'impl':12} {'median ms':>10} {'±iqr%':>6} {'vs (b)':>7} {'vs (c)':>7} {'GB/s':>7} "
+            f"{'%copy':>6} {'GFLOP/s':>8} {'%floor':>6} {'peak MiB':>9} {'err':>8}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['config']:32} {LABEL[r['impl']]:12} {'skipped: ' + r['skipped']}")
+            continue
+        c = _cells(r)
+        lines.append(
+            f"{r['config']:32} {LABEL[r['impl']]:12} {r['median_ms']:10.3f} {r['iqr_pct']:6.1f} {c['vs_b']:>7} {c['vs_c']:>7} "
+            f"{r['GBps']:7.2f} {100 * r['copy_frac']:6.1f} {r['GFLOPs']:8.2f} {100 * r['floor_frac']:6.1f} "
+            f"{c['mem']:>9} {c['err']:>8}  {c['note']}"
+        )
+    return "\n".join(lines)
+
+
+def fmt_launches(rows: List[dict]) -> str:
+    lines = []
+    for r in rows:
+        c = r.get("launches")
+        if not c:
+            continue
+        if "error" in c:
+            lines.append(f"{r['config']:32} {LABEL[r['impl']]:12} profiler failed: {c['error']}")
+            continue
+        lines.append(
+            f"{r['config']:32} {LABEL[r['impl']]:12} kernels {c['kernels']:5d}  memcpy {c['memcpy']:3d}  memset {c['memset']:3d}  "
+            f"launch API calls {c['launch_api_calls']:5d}  host syncs {c['sync_api_calls']:3d}"
+        )
+    return "\n".join(lines)
+
+
+def _busy(r: dict) -> str:
+    b = r.get("others_busy_before")
+    return f"{100 * b:.0f}%" if b is not None else str(r.get("load1", "-"))
+
+
+def markdown(paths: List[str]) -> str:
+    """Markdown table of one or more JSON outputs; a later file's rows replace earlier ones."""
+    merged: Dict[tuple, dict] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["rows"]:
+            merged[(r["config"], r["impl"])] = r
+    lines = ["| config | impl | median ms | vs (b) | vs (c) | GB/s | % copy BW | GFLOP/s | peak extra MiB | err vs fp64 | others' CPU | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in merged.values():
+        if "skipped" in r:
+            lines.append(f"| {r['config']} | {LABEL[r['impl']]} | skipped: {r['skipped']} | | | | | | | | | |")
+            continue
+        c = _cells(r)
+        note = "(b) " + c["note"] if c["note"] else ""
+        lines.append(f"| {r['config']} | {LABEL[r['impl']]} | {r['median_ms']:.2f} | {c['vs_b']} | {c['vs_c']} | {r['GBps']:.2f} | "
+                     f"{100 * r['copy_frac']:.1f} | {r['GFLOPs']:.1f} | {c['mem']} | {c['err']} | {_busy(r)} | {note} |")
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+// CPU path of the fused op: pass 1 is parallel over (layer, client) and
+// computes M_i and R_i in one go; pass 2 is parallel over row chunks of all
+// layers and writes Σ_i X_i (w_i R_i). Each output element is produced by one
+// task in a fixed order, so results do not depend on the thread count.
+#include <algorithm>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "align_aggregate.h"
+#include "common/dispatch.h"
+#include "common/rotation_coefficients.h"
+
+namespace fedrot {
+namespace {
+
+// Copies a (rows × n) block of a strided view into buf[t][j] in the
+// accumulate type. Columns n..R of buf are left as they are (zero).
+template <typename scalar_t, typename acc_t, int R>
+void load_block(const scalar_t* x, int64_t stride_t, int64_t stride_j, int64_t rows, int n, acc_t (*buf)[R]) {
+  if (stride_t == 1) {  // A factors: read each of the n rows contiguously
+    for (int j = 0; j < n; ++j)
+      for (int64_t t = 0; t < rows; ++t) buf[t][j] = static_cast<acc_t>(x[j * stride_j + t]);
+  } else {
+    for (int64_t t = 0; t < rows; ++t)
+      for (int j = 0; j < n; ++j) buf[t][j] = static_cast<acc_t>(x[t * stride_t + j * stride_j]);
+  }
+}
+
+// Explicit SIMD through GCC/Clang vector types: L lanes of acc_t (16 or 32
+// bytes), compiled to AVX2/FMA or SSE by the host flags in setup.py.
+template <typename acc_t, int Bytes>
+struct Simd {
+  typedef acc_t type __attribute__((vector_size(Bytes)));
+  static constexpr int lanes = Bytes / int(sizeof(acc_t));
+};
+
+template <typename V, typename scalar_t, int L>
+inline V load_lanes(const scalar_t* x) {
+  V v;
+  for (int q = 0; q < L; ++q) v[q] = x[q];
+  return v;
+}
+
+// w_i R_i of one client of one layer (R × R, zero-padded).
+template <typename acc_t, int R>
+const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
+  return static_cast<const acc_t*>(p.coef) + (int64_t(layer) * p.num_clients + client) * R * R;
+}
+
+// A factors (t contiguous): M[j][k] = Σ_t x[j][t] y[k][t], 4×4 blocks of
+// (j, k) with vector accumulators over t. Rows past n alias row 0 and are dropped.
+template <typename scalar_t, typename acc_t, int R>
+void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, int n, acc_t* M) {
+  using S = Simd<acc_t, 32>;
+  using V = typename S::type;
+  constexpr int L = S::lanes, JB = 4;
+  for (int j0 = 0; j0 < n; j0 += JB)
+    for (int k0 = 0; k0 < n; k0 += JB) {
+      const scalar_t *xr[JB], *yr[JB];
+      for (int b = 0; b < JB; ++b) {
+        xr[b] = x + (j0 + b < n ? j0 + b : 0) * sx;
+        yr[b] = y + (k0 + b < n ? k0 + b : 0) * sy;
+      }
+      V acc[JB][JB] = {};
+      int64_t t = 0;
+      for (; t + L <= T; t += L) {
+        V xv[JB], yv[JB];
+        for (int b = 0; b < JB; ++b) {
+          xv[b] = load_lanes<V, scalar_t, L>(xr[b] + t);
+          yv[b] = load_lanes<V, scalar_t, L>(yr[b] + t);
+        }
+        for (int a = 0; a < JB; ++a)
+          for (int b = 0; b < JB; ++b) acc[a][b] += xv[a] * yv[b];
+      }
+      for (int a = 0; a < JB && j0 + a < n; ++a)
+        for (int b = 0; b < JB && k0 + b < n; ++b) {
+          acc_t sum = 0;
+          for (int q = 0; q < L; ++q) sum += acc[a][b][q];
+          for (int64_t u = t; u < T; ++u) sum += static_cast<acc_t>(xr[a][u]) * static_cast<acc_t>(yr[b][u]);
+          M[(j0 + a) * R + k0 + b] += sum;
+        }
+    }
+}
+
+// B factors (j contiguous): M[j][k] = Σ_t x[t][j] y[t][k], JB rows of M held in
+// registers while streaming t.
+template <typename scalar_t, typename acc_t, int R>
+void covariance_j_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, int n, acc_t* M) {
+  using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
+  using V = typename S::type;
+  constexpr int L = S::lanes, U = R / L, JB = U >= 8 ? 1 : 8 / U < 4 ? 8 / U : 4;
+  alignas(64) acc_t yrow[R] = {};
+  for (int j0 = 0; j0 < n; j0 += JB) {
+    V acc[JB][U] = {};
+    for (int64_t t = 0; t < T; ++t) {
+      for (int k = 0; k < n; ++k) yrow[k] = static_cast<acc_t>(y[t * sy + k]);
+      V yv[U];
+      for (int u = 0; u < U; ++u) yv[u] = load_lanes<V, acc_t, L>(yrow + u * L);
+      for (int a = 0; a < JB; ++a) {
+        const acc_t xa = j0 + a < n ? static_cast<acc_t>(x[t * sx + j0 + a]) : acc_t(0);
+        for (int u = 0; u < U; ++u) acc[a][u] += xa * yv[u];
+      }
+    }
+    for (int a = 0; a < JB && j0 + a < n; ++a)
+      for (int k = 0; k < n; ++k) M[(j0 + a) * R + k] += acc[a][k / L][k % L];
+  }
+}
+
+// M += X_iᵀ Y over all rows of one view (M is R × R, zero-padded).
+template <typename scalar_t, typename acc_t, int R>
+void accumulate_covariance(const FactorView& v, int64_t client, int n, acc_t* M) {
+  const scalar_t* x = static_cast<const scalar_t*>(v.x) + client * v.client_stride;
+  const scalar_t* y = static_cast<const scalar_t*>(v.ref);
+  if (v.stride_t == 1 && v.ref_stride_t == 1)
+    return covariance_t_contiguous<scalar_t, acc_t, R>(x, v.stride_j, y, v.ref_stride_j, v.rows, n, M);
+  if (v.stride_j == 1 && v.ref_stride_j == 1)
+    return covariance_j_contiguous<scalar_t, acc_t, R>(x, v.stride_t, y, v.ref_stride_t, v.rows, n, M);
+  alignas(64) acc_t xb[kChunkRows][R] = {};
+  alignas(64) acc_t yb[kChunkRows][R] = {};
+  for (int64_t t0 = 0; t0 < v.rows; t0 += kChunkRows) {
+    const int64_t rows = std::min(kChunkRows, v.rows - t0);
+    load_block<scalar_t, acc_t, R>(x + t0 * v.stride_t, v.stride_t, v.stride_j, rows, n, xb);
+    load_block<scalar_t, acc_t, R>(y + t0 * v.ref_stride_t, v.ref_stride_t, v.ref_stride_j, rows, n, yb);
+    for (int64_t t = 0; t < rows; ++t)
+      for (int j = 0; j < n; ++j) {
+        const acc_t xv = xb[t][j];
+        for (int k = 0; k < R; ++k) M[j * R + k] += xv * yb[t][k];
+      }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int R>
+void rotations_pass(const GroupParams& p) {
+  const int64_t tasks = int64_t(p.num_layers) * p.num_clients;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    PolarScratch<acc_t, R> scratch;
+    alignas(64) acc_t M[R * R];
+    alignas(64) acc_t Rot[R * R];
+    for (int64_t li = begin; li < end; ++li) {
+      const int64_t l = li / p.num_clients, i = li % p.num_clients;
+      std::fill(M, M + R * R, acc_t(0));
+      for (int f = 0; f < 2 && p.align != kAlignNone; ++f) {
+        const FactorView& v = p.views[2 * l + f];
+        if (v.ref != nullptr) accumulate_covariance<scalar_t, acc_t, R>(v, i, p.layers[l].n, M);
+      }
+      rotation_from_covariance<acc_t, R>(p, li, M, Rot, scratch);
+    }
+  });
+}
+
+
+// A factors (t contiguous in input and output): out[j][t] = Σ_i Σ_k C_i[k][j] x_i[k][t]
+// for kBlock full rows at a time, with the R × kBlock accumulators held across
+// all clients. Returns the number of rows done; the tail goes to the row kernel.
+template <typename scalar_t, typename acc_t, int R>
+int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
+                                    bool& finite) {
+  using S = Simd<acc_t, 32>;
+  using V = typename S::type;
+  constexpr int L = S::lanes;
+  constexpr int U = R <= 8 ? 2 : 1;  // vectors per block: keeps R·U accumulators within the register file
+  constexpr int kBlock = U * L;
+  int64_t done = 0;
+  for (; done + kBlock <= rows; done += kBlock) {
+    const int64_t tb = t0 + done;
+    V acc[R][U] = {};
+    for (int64_t i = 0; i < p.num_clients; ++i) {
+      const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + tb;
+      const acc_t* C = client_coef<acc_t, R>(p, v.layer, i);
+      for (int k = 0; k < n; ++k) {
+        V xv[U];
+        for (int u = 0; u < U; ++u) xv[u] = load_lanes<V, scalar_t, L>(x + k * v.stride_j + u * L);
+        for (int j = 0; j < R; ++j) {
+          const acc_t c = C[k * R + j];
+          for (int u = 0; u < U; ++u) acc[j][u] += c * xv[u];
+        }
+      }
+    }
+    scalar_t* out = static_cast<scalar_t*>(v.out) + tb;
+    for (int j = 0; j < n; ++j)
+      for (int u = 0; u < U; ++u)
+        for (int q = 0; q < L; ++q) {
+          const scalar_t value = static_cast<scalar_t>(acc[j][u][q]);
+          finite = finite && fr_isfinite(static_cast<acc_t>(value));
+          out[j * v.out_stride_j + u * L + q] = value;
+        }
+  }
+  return done;
+}
+
+// B factors (j contiguous in input and output): out[t][j] = Σ_i Σ_k x_i[t][k] C_i[k][j],
+// one row at a time with its R accumulators in registers; x read in place.
+template <typename scalar_t, typename acc_t, int R>
+void aggregate_rows_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
+                                 bool& finite) {
+  using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
+  using V = typename S::type;
+  constexpr int L = S::lanes;
+  constexpr int U = R / L;
+  for (int64_t t = t0; t < t0 + rows; ++t) {
+    V acc[U] = {};
+    for (int64_t i = 0; i < p.num_clients; ++i) {
+      const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t * v.stride_t;
+      const acc_t* C = client_coef<acc_t, R>(p, v.layer, i);
+      for (int k = 0; k < n; ++k) {
+        const acc_t xk = static_cast<acc_t>(x[k]);
+        for (int u = 0; u < U; ++u) acc[u] += xk * load_lanes<V, acc_t, L>(C + k * R + u * L);
+      }
+    }
+    scalar_t* out = static_cast<scalar_t*>(v.out) + t * v.out_stride_t;
+    for (int j = 0; j < n; ++j) {
+      const scalar_t value = static_cast<scalar_t>(acc[j / L][j % L]);
+      finite = finite && fr_isfinite(static_cast<acc_t>(value));
+      out[j] = value;
+    }
+  }
+}
+
+// Any layout (transposed or strided views, and tails): stage X_i rows in a
+// buffer, out[t][j] = Σ_i Σ_k x_i[t][k] C_i[k][j].
+template <typename scalar_t, typename acc_t, int R>
+void aggregate_rows_any(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows, bool& finite) {
+  alignas(64) acc_t xb[kChunkRows][R] = {};
+  alignas(64) acc_t acc[kChunkRows][R] = {};
+  for (int64_t i = 0; i < p.num_clients; ++i) {
+    const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t0 * v.stride_t;
+    load_block<scalar_t, acc_t, R>(x, v.stride_t, v.stride_j, rows, n, xb);
+    const acc_t* C = client_coef<acc_t, R>(p, v.layer, i);
+    for (int64_t t = 0; t < rows; ++t)
+      for (int k = 0; k < n; ++k) {
+        const acc_t xk = xb[t][k];
+        for (int j = 0; j < R; ++j) acc[t][j] += xk * C[k * R + j];
+      }
+  }
+  scalar_t* out = static_cast<scalar_t*>(v.out) + t0 * v.out_stride_t;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int j = 0; j < n; ++j) {
+      const scalar_t value = static_cast<scalar_t>(acc[t][j]);
+      finite = finite && fr_isfinite(static_cast<acc_t>(value));
+      out[t * v.out_stride_t + j * v.out_stride_j] = value;
+    }
+}
+
+template <typename scalar_t, typename acc_t, int R>
+void aggregate_chunk(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows, bool& finite) {
+  if (v.stride_t == 1 && v.out_stride_t == 1) {
+    const int64_t done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
+    if (done < rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0 + done, rows - done, finite);
+  } else if (v.stride_j == 1 && v.out_stride_j == 1) {
+    aggregate_rows_j_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
+  } else {
+    aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int R>
+void aggregate_pass(const GroupParams& p) {
+  const int num_views = 2 * p.num_layers;
+  at::parallel_for(0, p.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    bool finite = true;
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const FactorView& v = p.views[find_view(p.views, num_views, chunk)];
+      const int n = p.layers[v.layer].n;
+      const int64_t t0 = (chunk - v.chunk_begin) * kChunkRows;
+      const int64_t rows = std::min(kChunkRows, v.rows - t0);
+      aggregate_chunk<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
+    }
+    if (!finite) __atomic_store_n(p.status, 1, __ATOMIC_RELAXED);
+  });
+}
+
+// Both passes for one rank bucket; the tables stay on the host.
+void run_group_cpu(const GroupTables& t, GroupParams p, int bucket, const at::Tensor& first,
+                   const at::Tensor& weights) {
+  const int64_t R = bucket;
+  const at::Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R}, weights.options());
+  p.views = t.views.data();
+  p.layers = t.layers.data();
+  p.coef = coef.data_ptr();
+  dispatch_float_types(first.scalar_type(), [&](auto scalar_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = acc_type_t<scalar_t>;
+    dispatch_rank_bucket(bucket, [&](auto rank) {
+      rotations_pass<scalar_t, acc_t, decltype(rank)::value>(p);
+      aggregate_pass<scalar_t, acc_t, decltype(rank)::value>(p);
+    });
+  });
+}
+
+AlignAggregateResult align_and_aggregate_cpu(at::TensorList A, at::TensorList B, at::TensorList ref_A,
+                                             at::TensorList ref_B, const at::Tensor& weights, int64_t align,
+                                             double lam, bool allow_reflection) {
+  return align_and_aggregate_impl(A, B, ref_A, ref_B, weights, align, lam, allow_reflection, &run_group_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fedrot_ext, CPU, m) { m.impl("align_and_aggregate", &align_and_aggregate_cpu); }
+
+}  // namespace fedrot
