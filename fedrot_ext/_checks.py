@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._types import ALIGN_MODES
+from ._types import ALIGN_MODES, align_uses
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -71,7 +71,7 @@ def check_factors(A, B, ref_A, ref_B, align: str):
             if t.device != device:
                 raise ValueError(f"{name}: expected device {device} (as A[0]), got {t.device}")
     refs = {"ref_A": ref_A, "ref_B": ref_B}
-    needed = {"ref_A": align in ("A", "AB"), "ref_B": align in ("B", "AB")}
+    needed = dict(zip(("ref_A", "ref_B"), align_uses(align)))
     checked = {}
     for name, ref in refs.items():
         if ref is None:
@@ -105,11 +105,17 @@ def all_finite(tensors, device) -> torch.Tensor:
 
 def nonfinite_reference_error(ref_A, ref_B, align: str) -> ValueError:
     """The error naming the first reference layer holding NaN/Inf (slow path, after all_finite failed)."""
-    for name, refs, used in (("ref_A", ref_A, align in ("A", "AB")), ("ref_B", ref_B, align in ("B", "AB"))):
+    for name, refs, used in zip(("ref_A", "ref_B"), (ref_A, ref_B), align_uses(align)):
         for l, t in enumerate(refs if used else []):
             if not bool(torch.isfinite(t).all()):
                 return ValueError(f"{name}[{l}]: expected finite values, found NaN or Inf")
     return ValueError("ref_A/ref_B: expected finite values, found NaN or Inf")
+
+
+def overflow_error(what: str, dtypes) -> ValueError:
+    """A set status flag with finite clients: a half-precision aggregate overflowed."""
+    return ValueError(f"{what}: the aggregate overflowed {', '.join(sorted(map(str, dtypes)))} although every client "
+                      "factor is finite; aggregate in float32 or set clip_norm")
 
 
 def raw_weights(weights, N: int) -> torch.Tensor:

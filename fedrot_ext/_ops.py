@@ -15,9 +15,12 @@ from typing import Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.fedrot_ext)
-from ._checks import all_finite, check_align, check_factors, check_lam, check_robustness, nonfinite_reference_error, normalized_weights
+from ._checks import (
+    all_finite, check_align, check_factors, check_lam, check_robustness, nonfinite_reference_error, normalized_weights,
+    overflow_error,
+)
 from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients, noise_std, surviving_weights
-from ._types import ALIGN_CODES, Aggregate
+from ._types import ALIGN_CODES, Aggregate, align_uses
 
 __all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype", "fused_align_aggregate"]
 
@@ -87,7 +90,7 @@ def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, align: str, lam: 
     (out_A, out_B, rotations, status) without synchronising: status is a (1,) int32 tensor,
     non-zero iff an aggregate came out non-finite.
     """
-    use_A, use_B = align in ("A", "AB"), align in ("B", "AB")
+    use_A, use_B = align_uses(align)
     out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
         A, B, ref_A if use_A else [], ref_B if use_B else [], w, ALIGN_CODES[align], lam, bool(allow_reflection)
     )
@@ -102,11 +105,6 @@ def _fused(A, B, ref_A, ref_B, w, align: str, lam: float, allow_reflection: bool
     out_A, out_B, rots, status = fused_align_aggregate(A, B, ref_A, ref_B, w, align, lam, allow_reflection)
     failed, refs_finite = torch.stack([status[0] != 0, ref_ok.to(status.device)]).tolist()  # the one host sync
     return out_A, out_B, rots, bool(failed), bool(refs_finite)
-
-
-def _overflow_error(dtype) -> ValueError:
-    return ValueError(f"A/B: the aggregate overflowed {dtype} although every client factor is finite; "
-                      "aggregate in float32 or set clip_norm")
 
 
 def align_and_aggregate(
@@ -169,7 +167,8 @@ def align_and_aggregate(
     check_robustness(on_invalid, clip_norm, noise_multiplier)
     A, B, ref_A, ref_B, N, dtype, device = check_factors(A, B, ref_A, ref_B, align)
     w = normalized_weights(weights, N, device, accumulate_dtype(dtype))
-    refs = (ref_A if align in ("A", "AB") else []) + (ref_B if align in ("B", "AB") else [])
+    use_A, use_B = align_uses(align)
+    refs = (ref_A if use_A else []) + (ref_B if use_B else [])
     ref_ok = all_finite(refs, device)  # read with the op's status flag: one synchronisation for both
     out_A, out_B, rots, failed, refs_finite = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm, ref_ok)
     if not refs_finite:
@@ -178,7 +177,7 @@ def align_and_aggregate(
     if failed:
         bad = invalid_clients(A, B)
         if not bad:
-            raise _overflow_error(dtype)
+            raise overflow_error("A/B", [dtype])
         if on_invalid == "raise":
             raise ValueError(f"{bad[min(bad)]}: expected finite client factors (pass on_invalid='skip' to drop it)")
         # Renormalised exactly as a call without the dropped clients would be.
@@ -188,7 +187,7 @@ def align_and_aggregate(
         B = [b.index_select(0, keep) for b in B]
         out_A, out_B, kept_rots, failed, _ = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm, ref_ok)
         if failed:
-            raise _overflow_error(dtype)
+            raise overflow_error("A/B", [dtype])
         rots = [torch.eye(R.shape[-1], dtype=R.dtype, device=device).repeat(N, 1, 1).index_copy_(0, keep, R)
                 for R in kept_rots]
         dropped = tuple((i, bad[i]) for i in sorted(bad))

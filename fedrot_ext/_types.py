@@ -10,6 +10,11 @@ ALIGN_MODES = ("none", "A", "B", "AB")
 ALIGN_CODES = {"none": 0, "A": 1, "B": 2, "AB": 3}
 
 
+def align_uses(align: str) -> Tuple[bool, bool]:
+    """(uses ref_A, uses ref_B): which references an align mode reads."""
+    return align in ("A", "AB"), align in ("B", "AB")
+
+
 class Aggregate(NamedTuple):
     """Result of an aggregation over L LoRA layers.
 

@@ -18,9 +18,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .._checks import check_lam, normalized_weights
+from .._checks import check_lam, normalized_weights, overflow_error
 from .._ops import accumulate_dtype, fused_align_aggregate
 from .._stacking import pad_rank
+from .._types import align_uses
 from ..baselines import fedex_terms, flexlora_factors, product_sums
 from ..methods import METHODS, Method, check_initial, get_method
 from ..schedule import alignment_for_round
@@ -76,10 +77,11 @@ def _fused_average(A, B, refs: Optional[FactorSet], w, align: str, lam: float, a
 
     Returns (new_A, new_B, statuses): the op's status flags, read once by the caller."""
     statuses = []
+    use_A, use_B = align_uses(align)
 
     def compute(idx):
-        ref_A = [pad_rank(refs.A[m], A[m].shape[1], 0) for m in idx] if align in ("A", "AB") else None
-        ref_B = [pad_rank(refs.B[m], A[m].shape[1], 1) for m in idx] if align in ("B", "AB") else None
+        ref_A = [pad_rank(refs.A[m], A[m].shape[1], 0) for m in idx] if use_A else None
+        ref_B = [pad_rank(refs.B[m], A[m].shape[1], 1) for m in idx] if use_B else None
         out_A, out_B, _, status = fused_align_aggregate(
             _pick(A, idx), _pick(B, idx), ref_A, ref_B, _on(w, A[idx[0]]), align, lam, allow_reflection
         )
@@ -93,9 +95,7 @@ def _fused_average(A, B, refs: Optional[FactorSet], w, align: str, lam: float, a
 def _check_overflow(statuses, A) -> None:
     """The clients are finite (screened), so a set status flag means a half-precision overflow."""
     if statuses and bool(torch.cat([s.to(statuses[0].device) for s in statuses]).any()):
-        dtypes = sorted({str(a.dtype) for a in A})
-        raise ValueError(f"client_states: the aggregate overflowed {', '.join(dtypes)} although every client factor is "
-                         "finite; aggregate in float32 or set clip_norm")
+        raise overflow_error("client_states", {a.dtype for a in A})
 
 
 def _flexlora(A, B, w):
