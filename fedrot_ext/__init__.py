@@ -4,7 +4,11 @@ Implements FedRot-LoRA (arXiv 2602.23638): client LoRA factors are rotated onto
 the previous global factors (orthogonal Procrustes, soft strength λ) before
 factor-wise averaging, in one fused C++/CUDA op over all layers and clients.
 """
-from . import reference
+from ._runtime import build_info, check_running_torch
+
+check_running_torch()  # before _C loads: a torch mismatch is a clear ImportError, not an undefined symbol
+
+from . import reference  # noqa: E402
 from ._ops import accumulate_dtype, align_and_aggregate, procrustes_rotation
 from ._types import ALIGN_MODES, Aggregate
 from .baselines import fedex_residual, flexlora_aggregate, weighted_product_sum
@@ -22,12 +26,13 @@ from .peft import (
 )
 from .schedule import SCHEDULES, alignment_for_round, rolora_trained_factor
 
-__version__ = "0.1.0"
+__version__ = build_info()["version"]
 
 __all__ = [
     "ALIGN_MODES",
     "Aggregate",
     "accumulate_dtype",
+    "build_info",
     "align_and_aggregate",
     "procrustes_rotation",
     "reference",

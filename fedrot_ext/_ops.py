@@ -19,6 +19,8 @@ from ._checks import (
     all_finite, check_align, check_factors, check_lam, check_robustness, nonfinite_reference_error, normalized_weights,
     overflow_error,
 )
+from ._runtime import check_device
+from ._shape_only import shape_only, shape_only_weights
 from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients, noise_std, surviving_weights
 from ._types import ALIGN_CODES, Aggregate, align_uses
 
@@ -77,7 +79,8 @@ def procrustes_rotation(M: torch.Tensor, lam: float = 0.5, allow_reflection: boo
     if M.shape[-1] == 0:
         raise ValueError("M: expected r >= 1, got r = 0")
     lam = check_lam(lam)
-    if not bool(torch.isfinite(M).all()):
+    check_device(M.device)
+    if not shape_only(M) and not bool(torch.isfinite(M).all()):
         raise ValueError("M: expected finite values, found NaN or Inf")
     return torch.ops.fedrot_ext.procrustes_rotation(M, lam, bool(allow_reflection))
 
@@ -90,6 +93,7 @@ def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, align: str, lam: 
     (out_A, out_B, rotations, status) without synchronising: status is a (1,) int32 tensor,
     non-zero iff an aggregate came out non-finite.
     """
+    check_device(A[0].device)
     use_A, use_B = align_uses(align)
     out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
         A, B, ref_A if use_A else [], ref_B if use_B else [], w, ALIGN_CODES[align], lam, bool(allow_reflection)
@@ -166,6 +170,10 @@ def align_and_aggregate(
     lam = check_lam(lam)
     check_robustness(on_invalid, clip_norm, noise_multiplier)
     A, B, ref_A, ref_B, N, dtype, device = check_factors(A, B, ref_A, ref_B, align)
+    if shape_only(A[0]):  # meta/fake: outputs of the right shapes, nothing value-dependent (no clip, noise, skip)
+        w = shape_only_weights(weights, N, device, accumulate_dtype(dtype))
+        out_A, out_B, rots, _ = fused_align_aggregate(A, B, ref_A, ref_B, w, align, lam, allow_reflection)
+        return Aggregate(out_A, out_B, rots if return_rotations else None, ())
     w = normalized_weights(weights, N, device, accumulate_dtype(dtype))
     use_A, use_B = align_uses(align)
     refs = (ref_A if use_A else []) + (ref_B if use_B else [])

@@ -1,0 +1,31 @@
+"""Meta and fake tensors carry shapes but no values: the ops then check shapes, dtypes and
+devices only, and return outputs of the right shapes (what torch.compile tracing and
+memory planning need). Value checks (finite inputs, weights' signs) need real tensors."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+
+def shape_only(t: torch.Tensor) -> bool:
+    return t.device.type == "meta" or is_fake(t)
+
+
+def shape_only_weights(weights, N: int, device, acc_dtype: torch.dtype) -> torch.Tensor:
+    """Normalised weights without reading a tensor's values (Python numbers are still validated)."""
+    if weights is None:
+        return torch.full((N,), 1.0 / N, dtype=acc_dtype, device=device)
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1 or weights.shape[0] != N:
+            raise ValueError(f"weights: expected shape ({N},) (one per client), got {tuple(weights.shape)}")
+        w = weights.to(device=device, dtype=acc_dtype)
+        return w / w.sum()
+    values = [float(v) for v in weights]
+    if len(values) != N:
+        raise ValueError(f"weights: expected shape ({N},) (one per client), got ({len(values)},)")
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not math.fsum(values) > 0:
+        raise ValueError("weights: expected finite non-negative values with a positive sum")
+    total = math.fsum(values)
+    return torch.tensor([v / total for v in values], dtype=acc_dtype, device=device)
