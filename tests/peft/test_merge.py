@@ -7,6 +7,7 @@ import fedrot_ext
 from fedrot_ext import merge_adapters
 from fedrot_ext.reference import merge_adapters_ref
 from helpers.peft_models import assert_states_equal, clone_states, tiny_bert
+from helpers.problems import one_thread
 
 N, D, R = 5, 48, 4
 
@@ -40,7 +41,8 @@ def _trained_clients(layers=2, steps=300, seed=0):
 
 @pytest.fixture(scope="module")
 def clients():
-    return _trained_clients()
+    with one_thread():  # hundreds of tiny steps: thread hand-offs would dominate
+        return _trained_clients()
 
 
 def _stacks(states, layers=2):
