@@ -85,7 +85,7 @@ def merge_adapters(
             ranks of one module may differ (zero-padded to the largest, HetLoRA-style).
         weights: (N,) non-negative client weights (e.g. sample counts), normalised; None: uniform.
         align: the factors the rotation matches: "AB" (default, joint), "A" or "B".
-        reference: the state dict the first pass aligns to; None: the heaviest client
+        reference: the adapter the first pass aligns to (both factors of every module); None: the heaviest client
             (the first one among equal weights).
         iterations: the most align-and-average passes (>= 1).
         tol: stop once the relative change of the merged factors is below it (>= 0).
