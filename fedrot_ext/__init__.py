@@ -24,6 +24,7 @@ from .peft import (
     parse_lora_keys,
     set_trainable_factor,
 )
+from .merge import MergedState, merge_adapters
 from .schedule import SCHEDULES, alignment_for_round, rolora_trained_factor
 
 __version__ = build_info()["version"]
@@ -56,4 +57,6 @@ __all__ = [
     "set_trainable_factor",
     "state_dict_aggregation_error",
     "weighted_product_sum",
+    "MergedState",
+    "merge_adapters",
 ]

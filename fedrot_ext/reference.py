@@ -13,7 +13,7 @@ import torch
 
 from ._types import ALIGN_MODES, Aggregate
 
-__all__ = ["procrustes_rotation_ref", "align_and_aggregate_ref", "procrustes_rotation", "align_and_aggregate"]
+__all__ = ["procrustes_rotation_ref", "align_and_aggregate_ref", "merge_adapters_ref", "procrustes_rotation", "align_and_aggregate"]
 
 
 def _polar_so(M: torch.Tensor, allow_reflection: bool) -> torch.Tensor:
@@ -94,3 +94,36 @@ def align_and_aggregate_ref(
 # ``fedrot_ext.align_and_aggregate``.
 procrustes_rotation = procrustes_rotation_ref
 align_and_aggregate = align_and_aggregate_ref
+
+
+def merge_adapters_ref(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    *,
+    ref_A: Sequence[torch.Tensor],
+    ref_B: Sequence[torch.Tensor],
+    weights: Optional[torch.Tensor] = None,
+    align: str = "AB",
+    iterations: int = 10,
+    tol: float = 1e-6,
+    allow_reflection: bool = False,
+):
+    """Float64 reference of :func:`fedrot_ext.merge_adapters` over stacked factors.
+
+    Generalised Procrustes with hard rotations (λ = 1): align to ``ref_*``, average, then realign
+    to the average until the relative Frobenius change of all factors is below ``tol``.
+    Returns (A, B, passes) with float64 (r, in) / (out, r) factors per layer.
+    """
+    cur_A = [t.detach().double().cpu() for t in ref_A]
+    cur_B = [t.detach().double().cpu() for t in ref_B]
+    passes = 0
+    for passes in range(1, iterations + 1):
+        agg = align_and_aggregate_ref(A, B, ref_A=cur_A, ref_B=cur_B, weights=weights, align=align, lam=1.0,
+                                      allow_reflection=allow_reflection)
+        num = sum(float(torch.sum((n - o) ** 2)) for n, o in zip(agg.A + agg.B, cur_A + cur_B))
+        den = sum(float(torch.sum(o ** 2)) for o in cur_A + cur_B)
+        cur_A, cur_B = list(agg.A), list(agg.B)
+        change = 0.0 if num == 0 else (float("inf") if den == 0 else (num / den) ** 0.5)
+        if change < tol:
+            break
+    return cur_A, cur_B, passes

@@ -1,0 +1,142 @@
+"""Merge LoRA adapters that were trained from independent initialisations (generalised Procrustes).
+
+Clients that never shared a starting adapter hold factors in unrelated latent bases
+(B_i A_i = (B_i R)(Rᵀ A_i) for every orthogonal R), so averaging their factors
+cancels most of the update. :func:`merge_adapters` aligns every client to a common
+reference by hard Procrustes (λ = 1), averages, and realigns to that average until
+it stops moving: the generalised Procrustes iteration. Each pass is one fused op call
+over all modules (``fedrot_ext.peft.aggregate._fused_average``).
+
+Convergence: after pass k the change is the relative Frobenius change of all
+aggregated factors together, ``sqrt(Σ_m ‖Ā_m^k − Ā_m^{k−1}‖² + ‖B̄_m^k − B̄_m^{k−1}‖²)
+/ sqrt(Σ_m ‖Ā_m^{k−1}‖² + ‖B̄_m^{k−1}‖²)`` (pass 0 is the reference); the loop stops
+when it falls below ``tol`` or after ``iterations`` passes.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from ._checks import normalized_weights
+from ._stacking import pad_rank
+from .metrics import _error_of
+from .peft.aggregate import AggregatedState, _average_others, _check_overflow, _fused_average
+from .peft.batch import FactorSet, collect_clients, collect_reference, stack_factors, stack_others
+
+__all__ = ["MergedState", "merge_adapters"]
+
+MERGE_ALIGN_MODES = ("A", "B", "AB")
+
+
+class MergedState(AggregatedState):
+    """:class:`AggregatedState` of a merge, with its diagnostics.
+
+    Attributes:
+        errors: {module name: (absolute, relative)} aggregation error ‖Σ w_i B_i A_i − B̄ Ā‖_F
+            of the merged factors (as :func:`fedrot_ext.state_dict_aggregation_error`).
+        iterations: number of align-and-average passes run (1 ≤ iterations ≤ the limit).
+        changes: the relative change after each pass (see the module docstring).
+        converged: True when the last change fell below ``tol``.
+    """
+
+    def __init__(self, tensors=(), errors=None, iterations: int = 0, changes=(), converged: bool = False):
+        super().__init__(tensors)
+        self.errors = dict(errors or {})
+        self.iterations = int(iterations)
+        self.changes = tuple(changes)
+        self.converged = bool(converged)
+
+
+def _check_options(align, iterations, tol) -> None:
+    if align not in MERGE_ALIGN_MODES:
+        raise ValueError(f"align: expected one of {MERGE_ALIGN_MODES} (a merge must align), got {align!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations: expected an int >= 1, got {iterations!r}")
+    try:
+        tol_f = float(tol)
+    except (TypeError, ValueError):
+        raise TypeError(f"tol: expected a non-negative float, got {type(tol).__name__}") from None
+    if not tol_f >= 0.0 or tol_f == float("inf"):  # also rejects NaN
+        raise ValueError(f"tol: expected a finite value >= 0, got {tol_f}")
+
+
+def _relative_change(new_A, new_B, old_A, old_B) -> torch.Tensor:
+    """Relative Frobenius change of all factors together, as a 0-d float64 tensor (no host sync)."""
+    diff = sum((n.double() - o.double()).square().sum() for n, o in zip(new_A + new_B, old_A + old_B))
+    base = sum(o.double().square().sum() for o in old_A + old_B)
+    return torch.where(base > 0, diff.sqrt() / base.clamp_min(1e-300).sqrt(), torch.where(diff > 0, torch.inf, 0.0))
+
+
+def merge_adapters(
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    weights=None,
+    align: str = "AB",
+    reference: Optional[Mapping[str, torch.Tensor]] = None,
+    iterations: int = 10,
+    tol: float = 1e-6,
+    allow_reflection: bool = False,
+) -> MergedState:
+    """Merge N independently trained peft adapters into one, by generalised Procrustes.
+
+    Args:
+        client_states: N adapter state dicts with the same keys (as :func:`fedrot_ext.aggregate_state_dicts`);
+            ranks of one module may differ (zero-padded to the largest, HetLoRA-style).
+        weights: (N,) non-negative client weights (e.g. sample counts), normalised; None: uniform.
+        align: the factors the rotation matches: "AB" (default, joint), "A" or "B".
+        reference: the adapter the first pass aligns to (both factors of every module); None: the heaviest client
+            (the first one among equal weights).
+        iterations: the most align-and-average passes (>= 1).
+        tol: stop once the relative change of the merged factors is below it (>= 0).
+        allow_reflection: rotate over O(r) instead of SO(r).
+
+    Returns:
+        :class:`MergedState`: the merged adapter (keys, key order and dtypes of the clients;
+        non-LoRA tensors weighted-averaged, non-floating ones copied when equal), loadable with
+        ``set_peft_model_state_dict``, plus ``errors``, ``iterations``, ``changes``, ``converged``.
+
+    Raises:
+        ValueError/TypeError naming the argument (or the client and key), as
+        :func:`fedrot_ext.aggregate_state_dicts` does, and for a bad align, iterations or tol.
+        Inputs are never modified.
+    """
+    _check_options(align, iterations, tol)
+    batch = collect_clients(client_states)
+    w = normalized_weights(weights, len(batch.states), torch.device("cpu"), torch.float64)
+    if reference is None:
+        ranks = [max(rs) for rs in batch.ranks]
+        A, B = stack_factors(batch, ranks)
+        heaviest = int(torch.argmax(w))
+        refs = FactorSet([a[heaviest] for a in A], [b[heaviest] for b in B], ranks)
+    else:
+        refs = collect_reference(reference, batch, "AB")
+        ranks = [max(rs + [r]) for rs, r in zip(batch.ranks, refs.rank)]
+        A, B = stack_factors(batch, ranks)
+    others = _average_others(batch, stack_others(batch), w)
+
+    cur_A, cur_B = refs.A, refs.B
+    changes: List[float] = []
+    statuses = []
+    for _ in range(iterations):
+        new_A, new_B, status = _fused_average(A, B, FactorSet(cur_A, cur_B, ranks), w, align, 1.0, allow_reflection)
+        statuses += status
+        old_A = [pad_rank(o, r, 0) for o, r in zip(cur_A, ranks)]  # a smaller reference rank, zero-padded
+        old_B = [pad_rank(o, r, 1) for o, r in zip(cur_B, ranks)]
+        change = _relative_change(new_A, new_B, old_A, old_B)
+        cur_A, cur_B = new_A, new_B
+        changes.append(float(change))  # one host read per pass decides whether to go on
+        if changes[-1] < tol:
+            break
+    _check_overflow(statuses, A)
+
+    as64 = lambda ts: [t.double() for t in ts]  # noqa: E731
+    err = _error_of(as64(A), as64(B), as64(cur_A), as64(cur_B), w.to(batch.device))
+    values = torch.stack([err.absolute, err.relative], dim=1).tolist()
+    errors: Dict[str, tuple] = {m.name: (v[0], v[1]) for m, v in zip(batch.modules, values)}
+
+    merged = dict(others)
+    for m, a, b in zip(batch.modules, cur_A, cur_B):
+        merged[m.key_A], merged[m.key_B] = a, b
+    tensors = ((k, merged[k]) for k in batch.states[0] if k in merged)
+    return MergedState(tensors, errors, len(changes), changes, changes[-1] < tol)
