@@ -21,6 +21,7 @@ from .peft import (
     set_trainable_factor,
 )
 from .schedule import SCHEDULES, alignment_for_round, rolora_trained_factor
+from .server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 
 __version__ = "0.1.0"
 
@@ -51,4 +52,6 @@ __all__ = [
     "set_trainable_factor",
     "state_dict_aggregation_error",
     "weighted_product_sum",
+    "SERVER_OPTIMIZERS",
+    "ServerOptimizer",
 ]
