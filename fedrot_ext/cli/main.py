@@ -77,7 +77,10 @@ def run(args) -> dict:
     lam = args.lam
     try:
         if args.merge:
-            from ..merge import merge_adapters  # the alignment module; imported only when asked for
+            try:
+                from ..merge import merge_adapters  # the alignment module; imported only when asked for
+            except ImportError as err:
+                raise InputError(f"--merge: fedrot_ext.merge_adapters is not available in this install ({err})") from None
 
             aggregated = merge_adapters(states, weights=weights, align="AB", reference=ref_state)
             align, method = "AB", "merge"
