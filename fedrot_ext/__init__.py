@@ -26,6 +26,7 @@ from .peft import (
 )
 from .merge import MergedState, merge_adapters
 from .schedule import SCHEDULES, alignment_for_round, rolora_trained_factor
+from .server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 
 __version__ = build_info()["version"]
 
@@ -59,4 +60,6 @@ __all__ = [
     "weighted_product_sum",
     "MergedState",
     "merge_adapters",
+    "SERVER_OPTIMIZERS",
+    "ServerOptimizer",
 ]

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, help="LoRA rank r (lora_alpha = 2r, dropout 0.05)")
     p.add_argument("--lam", type=float, default=0.5, help="FedRot soft-rotation strength λ")
     p.add_argument("--schedule", default="alternate", choices=["alternate", "A", "B", "AB"], help="FedRot alignment schedule")
+    p.add_argument("--server-opt", default="none", choices=["none", "avgm", "adam", "yogi", "adagrad"],
+                   help="server optimizer after aggregation (fedrot_ext.ServerOptimizer; pseudo-gradient = aggregate - global)")
+    p.add_argument("--server-lr", type=float, help="server learning rate (default: Flower's for the optimizer)")
     p.add_argument("--max-length", type=int, help="max tokens per text")
     p.add_argument("--train-size", type=int, help="training texts shared out to clients (0: all)")
     p.add_argument("--test-size", type=int, help="held-out test texts")
@@ -163,7 +166,8 @@ def main(argv=None) -> dict:
             shards_idx = dirichlet_split(data.train, args.clients, alpha, seed)
             shards = [type(train)(train.input_ids[i], train.attention_mask[i], train.labels[i], train.left_padded) for i in map(torch.as_tensor, shards_idx)]
             cfg = RunConfig(rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                            fraction=args.fraction, rank=args.rank, lam=args.lam, schedule=args.schedule, seed=seed, device=device)
+                            fraction=args.fraction, rank=args.rank, lam=args.lam, schedule=args.schedule, seed=seed, device=device,
+                            server_opt=args.server_opt, server_lr=args.server_lr)
             for method in args.methods:
                 t0 = time.perf_counter()
                 history = run_method(task, method, shards, test, cfg, desc=f"seed {seed} α={alpha:g} {method}", progress=not args.no_progress)

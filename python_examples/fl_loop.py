@@ -39,6 +39,8 @@ class RunConfig:
     seed: int = 0
     eval_batch_size: int = 64
     device: str = "cpu"
+    server_opt: str = "none"  # "none" (the aggregate is the new global) or a fedrot_ext.ServerOptimizer kind
+    server_lr: Optional[float] = None  # None: Flower's default for the kind
 
     def as_dict(self):
         return asdict(self)
@@ -145,6 +147,7 @@ def run_method(task, method: str, shards: Sequence[Encoded], test: Encoded, cfg:
     model, lora_config = task.build(cfg.seed, cfg.rank, cfg.dropout)
     model.to(cfg.device)
     global_state = _snapshot(model)
+    server_opt = None if cfg.server_opt == "none" else fedrot_ext.ServerOptimizer(cfg.server_opt, cfg.server_lr)
     n = len(shards)
     per_round = max(1, int(round(cfg.fraction * n)))
     sizes = np.array([len(s) for s in shards], dtype=np.float64)
@@ -190,6 +193,8 @@ def run_method(task, method: str, shards: Sequence[Encoded], test: Encoded, cfg:
             history["aggregation_error"].append(float("nan"))
         else:
             history["aggregation_error"].append(_relative_error(err_states, new_global, weights))
+        if server_opt is not None:
+            new_global = server_opt.step(global_state, new_global)  # AggregatedState in, AggregatedState out
         base_deltas = getattr(new_global, "base_deltas", None)
         if base_deltas:
             fedrot_ext.fold_into_base(model, base_deltas)

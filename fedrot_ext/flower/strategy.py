@@ -27,6 +27,7 @@ from ..metrics import state_dict_aggregation_error
 from ..peft.aggregate import AggregatedState, aggregate_state_dicts
 from ..peft.keys import parse_lora_keys
 from ..schedule import SCHEDULES
+from ..server_opt import ServerOptimizer
 from . import _protocol as P
 from ._screen import screen_reply
 from .codec import arrayrecord_to_state_dict, state_dict_to_arrayrecord
@@ -91,6 +92,9 @@ class FedRotLoRA(FedAvg):
             (for example ``clip_norm`` or ``noise_multiplier``), passed unchanged every round.
         report_fedit_error: with method "fedrot", also aggregate the same replies with FedIT and
             report its error (off by default: it costs a second aggregation every round).
+        server_optimizer: a :class:`fedrot_ext.ServerOptimizer` (FedAvgM / FedAdam / FedYogi /
+            FedAdagrad) stepping the global adapter along aggregate − previous global every round;
+            None: the aggregate is the new global (FedAvg). Checkpoint it with its ``state_dict()``.
         **fedavg_kwargs: passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
             ``min_train_nodes``, ``weighted_by_key``, ``arrayrecord_key``, ...).
 
@@ -117,6 +121,7 @@ class FedRotLoRA(FedAvg):
         device: Union[str, torch.device] = "cpu",
         aggregate_options: Optional[Mapping[str, Any]] = None,
         report_fedit_error: bool = False,
+        server_optimizer: Optional[ServerOptimizer] = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -138,6 +143,9 @@ class FedRotLoRA(FedAvg):
         if taken:
             raise ValueError(f"aggregate_options: {taken} are set by the strategy; pass them as FedRotLoRA arguments")
         self.report_fedit_error = report_fedit_error
+        if server_optimizer is not None and not isinstance(server_optimizer, ServerOptimizer):
+            raise TypeError(f"server_optimizer: expected a fedrot_ext.ServerOptimizer or None, got {type(server_optimizer).__name__}")
+        self.server_optimizer = server_optimizer
         self.history: List[RoundSummary] = []
         self.base_deltas: Dict[str, torch.Tensor] = {}
         self._sent: Optional[Tuple[int, ArrayRecord]] = None
@@ -281,6 +289,8 @@ class FedRotLoRA(FedAvg):
 
         aggregated, seconds = self._aggregate(states, weights, reference, round_idx)
         new_global = {key: aggregated.get(key, ref) for key, ref in reference.items()}  # fedsa: B stays
+        if self.server_optimizer is not None:
+            new_global = self.server_optimizer.step(reference, new_global)
         metrics = self._round_metrics(states, weights, aggregated, new_global, seconds, len(summary.rejected))
         summary.metrics = dict(metrics)
         self._accumulate_base_deltas(aggregated.base_deltas)

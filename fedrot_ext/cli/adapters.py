@@ -1,0 +1,98 @@
+"""Read peft ``save_pretrained`` directories for the CLI: config + safetensors weights, compatibility checks.
+
+Every failure is an :class:`InputError` whose message names the directory and the file, so the
+command can print it on one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Sequence
+
+import torch
+
+from ..peft.io import ADAPTER_FILE, load_adapter
+
+CONFIG_FILE = "adapter_config.json"
+# Config fields that change what the factors mean: clients must agree on them (ranks: see check_compatible).
+MUST_MATCH = ("peft_type", "target_modules", "lora_alpha", "use_rslora", "fan_in_fan_out")
+RANK_FIELDS = ("r", "rank_pattern")
+
+
+class InputError(ValueError):
+    """Bad usage or bad input: the CLI prints the message and exits with status 2."""
+
+
+class Adapter(NamedTuple):
+    path: Path
+    config: dict
+    state: Dict[str, torch.Tensor]
+
+
+def read_adapter(path) -> Adapter:
+    """The ``adapter_config.json`` and ``adapter_model.safetensors`` of one directory (never a pickle)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: not a directory (expected a peft save_pretrained directory)")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise InputError(f"{config_path}: missing (expected a peft save_pretrained directory with {CONFIG_FILE} and {ADAPTER_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{config_path}: not a readable JSON file ({err})") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"{config_path}: expected a LoRA adapter config (peft_type LORA), got {str(config)[:80]}")
+    try:
+        state = load_adapter(path)
+    except (FileNotFoundError, ValueError) as err:  # the messages name the file (pickle refused, corrupt, missing)
+        raise InputError(str(err)) from None
+    return Adapter(path, config, state)
+
+
+def _normalized(field: str, value):
+    if field == "target_modules" and isinstance(value, (list, tuple, set)):
+        return sorted(value)
+    if field == "rank_pattern":
+        return dict(sorted((value or {}).items()))
+    return value
+
+
+def check_compatible(adapters: Sequence[Adapter], *, same_ranks: bool) -> None:
+    """Refuse configs that disagree on a field of :data:`MUST_MATCH` (or on the ranks when `same_ranks`).
+
+    Different ranks are otherwise left to the library (zero-padded for fedrot/fedit/fedex, exact for
+    flexlora/flora, refused by ffa/rolora/fedsa with the library's own message)."""
+    first = adapters[0]
+    fields = MUST_MATCH + (RANK_FIELDS if same_ranks else ())
+    for other in adapters[1:]:
+        for field in fields:
+            a, b = _normalized(field, first.config.get(field)), _normalized(field, other.config.get(field))
+            if a != b:
+                raise InputError(
+                    f"{other.path / CONFIG_FILE}: {field} = {b!r} does not match {a!r} in {first.path / CONFIG_FILE}"
+                )
+
+
+def output_config(adapters: Sequence[Adapter]) -> dict:
+    """The result's config: the first one, with the largest rank and rank_pattern entries over all inputs
+    (the zero-padded result has the largest rank of each module)."""
+    config = dict(adapters[0].config)
+    config["r"] = max(int(a.config.get("r", 8)) for a in adapters)
+    pattern: Dict[str, int] = {}
+    for a in adapters:
+        for key, rank in (a.config.get("rank_pattern") or {}).items():
+            pattern[key] = max(pattern.get(key, 0), int(rank))
+    config["rank_pattern"] = pattern
+    return config
+
+
+def client_weights(text: str, n: int) -> List[float]:
+    """``--weights n1,n2,...``: one non-negative number per client directory."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"--weights: expected comma-separated numbers, got {text!r}") from None
+    if len(values) != n:
+        raise InputError(f"--weights: expected {n} values (one per client directory), got {len(values)}")
+    return values

@@ -1,0 +1,143 @@
+"""``fedrot-aggregate CLIENT_DIR... --reference GLOBAL_DIR --out OUT_DIR``: one server round over adapter directories.
+
+Exit status 0 on success, 2 on bad usage or bad input (one line on stderr naming the directory and file;
+nothing is written). See README, "The fedrot-aggregate command".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..methods import METHODS, get_method
+from ..peft.io import ADAPTER_FILE
+from ..schedule import SCHEDULES, alignment_for_round
+from .adapters import InputError, check_compatible, client_weights, output_config, read_adapter
+from .output import check_writable, write_adapter
+from .report import build_report
+
+PROG = "fedrot-aggregate"
+
+
+def _lam(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Aggregate peft LoRA adapter directories (save_pretrained output) into one.")
+    p.add_argument("clients", nargs="+", metavar="CLIENT_DIR", help="client adapter directories (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--reference", metavar="GLOBAL_DIR", help="the previous global adapter (the rotation target; not needed by --merge)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="the new adapter directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--method", default="fedrot", choices=METHODS)
+    p.add_argument("--round", type=int, help="0-based round number (the alternating schedule and rolora need it)")
+    p.add_argument("--lam", type=_lam, default=0.5, help="soft rotation strength in [0, 1], or 'auto'")
+    p.add_argument("--schedule", default="alternate", choices=SCHEDULES)
+    p.add_argument("--weights", metavar="n1,n2,...", help="client weights (e.g. sample counts); default uniform")
+    p.add_argument("--on-invalid", default="raise", choices=["raise", "skip"], help="a client with NaN/Inf: fail, or drop it")
+    p.add_argument("--clip-norm", type=float, metavar="C", help="clip each client's update norm to C")
+    p.add_argument("--report", metavar="REPORT.json", help="write a JSON report (errors, λ, rotation angles, dropped clients)")
+    p.add_argument("--merge", action="store_true", help="merge the adapters with fedrot_ext.merge_adapters (no reference needed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _load_all(dirs: List[str], progress: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: plain loop without a bar
+        tqdm = None
+    it = dirs if tqdm is None else tqdm(dirs, desc="loading adapters", unit="dir", disable=not progress, file=sys.stderr)
+    return [read_adapter(d) for d in it]
+
+
+def run(args) -> dict:
+    out = Path(args.out)
+    if args.merge and args.method != "fedrot":
+        raise InputError("--merge: aggregates with merge_adapters; do not combine it with --method")
+    check_writable(out, args.overwrite)
+    weights = client_weights(args.weights, len(args.clients)) if args.weights is not None else None
+    if args.clip_norm is not None and not args.clip_norm > 0:
+        raise InputError(f"--clip-norm: expected a positive number, got {args.clip_norm}")
+    clients = _load_all(args.clients, not args.no_progress)
+    reference = read_adapter(args.reference) if args.reference else None
+    spec = get_method(args.method)
+    check_compatible(clients + ([reference] if reference else []), same_ranks=spec.equal_ranks)
+    states = [c.state for c in clients]
+    ref_state = reference.state if reference else None
+    config = output_config(clients)
+    lam = args.lam
+    try:
+        if args.merge:
+            try:
+                from ..merge import merge_adapters  # the alignment module; imported only when asked for
+            except ImportError as err:
+                raise InputError(f"--merge: fedrot_ext.merge_adapters is not available in this install ({err})") from None
+
+            aggregated = merge_adapters(states, weights=weights, align="AB", reference=ref_state)
+            align, method = "AB", "merge"
+        else:
+            aggregated = _aggregate(states, ref_state, weights, args, config)
+            method = args.method
+            align = alignment_for_round(args.round, args.schedule) if spec.aligns and args.round is not None else None
+    except (ValueError, TypeError) as err:  # the library's messages name the argument, client and key
+        raise InputError(_name_files(str(err), args.clients, args.reference)) from None
+    lam_used = getattr(aggregated, "lam", lam)
+    base_deltas = getattr(aggregated, "base_deltas", {})
+    write_adapter(out, aggregated, config, base_deltas, args.overwrite)
+    dropped = {i for i, _ in getattr(aggregated, "dropped", ())}
+    kept = [i for i in range(len(states)) if i not in dropped]
+    report = build_report(method=method, align=align, lam_used=lam_used, clients=states, kept=kept, weights=weights,
+                          reference=ref_state, aggregated=aggregated, dirs=args.clients)
+    report["out"] = str(out)
+    report["base_deltas_file"] = "base_deltas.safetensors" if base_deltas else None
+    if args.report:
+        try:
+            Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as err:
+            raise InputError(f"{args.report}: could not write the report ({err})") from None
+    return report
+
+
+def _name_files(message: str, dirs: List[str], reference: Optional[str]) -> str:
+    """The library names clients by index (``client_states[1]``) and the reference by argument name:
+    say which directory and file that is."""
+    message = re.sub(r"client_states\[(\d+)\]", lambda m: f"{Path(dirs[int(m.group(1))]) / ADAPTER_FILE} (client {m.group(1)})", message)
+    if reference:
+        message = re.sub(r"^reference\b", f"{Path(reference) / ADAPTER_FILE} (reference)", message)
+    return message
+
+
+def _aggregate(states, ref_state, weights, args, config):
+    from ..peft.aggregate import aggregate_state_dicts
+
+    spec = get_method(args.method)
+    return aggregate_state_dicts(
+        states, reference=ref_state, weights=weights, method=args.method, round=args.round, lam=args.lam,
+        schedule=args.schedule, lora_config=config if spec.dense else None, on_invalid=args.on_invalid,
+        clip_norm=args.clip_norm,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``fedrot-aggregate`` and ``python -m fedrot_ext aggregate``; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse prints its own one-line usage error and exits 2
+        return int(exc.code or 0)
+    try:
+        report = run(args)
+    except InputError as err:
+        print(f"{PROG}: error: {err}".replace("\n", " "), file=sys.stderr)
+        return 2
+    print(f"{PROG}: wrote {report['out']} ({len(args.clients) - len(report['dropped'])} of {len(args.clients)} clients aggregated)")
+    return 0
