@@ -15,6 +15,13 @@ def align_uses(align: str) -> Tuple[bool, bool]:
     return align in ("A", "AB"), align in ("B", "AB")
 
 
+def module_align(align: str, embedding: bool) -> str:
+    """The align mode of one peft module: the factor playing A's role is mirrored for
+    embeddings (peft zero-initialises lora_embedding_A and randomises lora_embedding_B,
+    the reverse of linear layers), so "A" becomes "B" there and vice versa."""
+    return {"A": "B", "B": "A"}.get(align, align) if embedding else align
+
+
 class Aggregate(NamedTuple):
     """Result of an aggregation over L LoRA layers.
 

@@ -21,7 +21,7 @@ import torch
 from .._checks import check_lam, normalized_weights, overflow_error
 from .._ops import accumulate_dtype, fused_align_aggregate
 from .._stacking import pad_rank
-from .._types import align_uses
+from .._types import align_uses, module_align
 from ..baselines import fedex_terms, flexlora_factors, product_sums
 from ..methods import METHODS, Method, check_initial, get_method
 from ..schedule import alignment_for_round
@@ -49,12 +49,13 @@ class AggregatedState(dict):
         self.dropped = tuple(dropped)
 
 
-def _per_dtype(A: Sequence[torch.Tensor], compute) -> list:
-    """Call ``compute(idx)`` once per group of modules sharing a dtype (usually one group:
-    the fused op needs one dtype per call) and put its per-module results back in module order."""
-    groups: Dict[torch.dtype, List[int]] = {}
+def _per_dtype(A: Sequence[torch.Tensor], compute, modes: Optional[Sequence[str]] = None) -> list:
+    """Call ``compute(idx)`` once per group of modules sharing a dtype (and align mode, when
+    `modes` is given; usually one group: the fused op needs one dtype and one mode per call)
+    and put its per-module results back in module order."""
+    groups: Dict[tuple, List[int]] = {}
     for m, a in enumerate(A):
-        groups.setdefault(a.dtype, []).append(m)
+        groups.setdefault((a.dtype, modes[m] if modes else None), []).append(m)
     out = [None] * len(A)
     for idx in groups.values():
         for m, result in zip(idx, compute(idx)):
@@ -71,15 +72,17 @@ def _on(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.to(device=like.device, dtype=accumulate_dtype(like.dtype))
 
 
-def _fused_average(A, B, refs: Optional[FactorSet], w, align: str, lam: float, allow_reflection: bool):
-    """Rotate (per `align`) and weighted-average every module: one unchecked fused op call per dtype
-    (the clients and the reference were validated once, by collect_clients / collect_reference).
+def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], lam: float, allow_reflection: bool):
+    """Rotate (per module's mode in `aligns`) and weighted-average every module: one unchecked
+    fused op call per (dtype, mode) group (the clients and the reference were validated once,
+    by collect_clients / collect_reference).
 
     Returns (new_A, new_B, statuses): the op's status flags, read once by the caller."""
     statuses = []
-    use_A, use_B = align_uses(align)
 
     def compute(idx):
+        align = aligns[idx[0]]
+        use_A, use_B = align_uses(align)
         ref_A = [pad_rank(refs.A[m], A[m].shape[1], 0) for m in idx] if use_A else None
         ref_B = [pad_rank(refs.B[m], A[m].shape[1], 1) for m in idx] if use_B else None
         out_A, out_B, _, status = fused_align_aggregate(
@@ -88,7 +91,7 @@ def _fused_average(A, B, refs: Optional[FactorSet], w, align: str, lam: float, a
         statuses.append(status)
         return zip(out_A, out_B)
 
-    new_A, new_B = (list(t) for t in zip(*_per_dtype(A, compute)))
+    new_A, new_B = (list(t) for t in zip(*_per_dtype(A, compute, aligns)))
     return new_A, new_B, statuses
 
 
@@ -166,10 +169,11 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
         require_equal_ranks(batch, method)
     w = normalized_weights(weights, len(batch.states), torch.device("cpu"), torch.float64)
     refs = None
+    aligns = [module_align(align, m.embedding) for m in batch.modules]
     if align != "none":
         if reference is None:
             raise ValueError(f"reference: required to align on {align} in round {round} (the previous global adapter), got None")
-        refs = collect_reference(reference, batch, align)
+        refs = collect_reference(reference, batch, aligns)
     ranks_of = lambda b: [max(rs + ([refs.rank[m]] if refs else [])) for m, rs in enumerate(b.ranks)]  # noqa: E731
     batch, A, B, other_stacks, w, dropped = screen_clients(batch, weights, w, policy.on_invalid, ranks_of)
     scalings = [module_scaling(lora_config, m, rs, method) for m, rs in zip(batch.modules, batch.ranks)] if spec.dense else None
@@ -181,7 +185,7 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     if spec.output == "refactor":
         new_A, new_B = _flexlora(A, B, w)
     else:
-        new_A, new_B, statuses = _fused_average(A, B, refs, w, align, lam, allow_reflection)
+        new_A, new_B, statuses = _fused_average(A, B, refs, w, aligns, lam, allow_reflection)
     if frozen:
         copies = _frozen_copies(spec, batch, A, B, round, frozen)
         new_A, new_B = (copies, new_B) if frozen == "A" else (new_A, copies)

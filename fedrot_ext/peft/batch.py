@@ -157,8 +157,9 @@ def require_equal_ranks(batch: ClientBatch, method: str) -> None:
                 )
 
 
-def collect_reference(reference, batch: ClientBatch, factors: str, label: str = "reference") -> FactorSet:
-    """Look up one state dict's factors ("A", "B" or "AB") for every module of `batch`.
+def collect_reference(reference, batch: ClientBatch, factors, label: str = "reference") -> FactorSet:
+    """Look up one state dict's factors ("A", "B" or "AB", or one such string per module) for
+    every module of `batch`.
 
     Tensors are cast to the clients' dtype and device (copies, never in place).
 
@@ -171,11 +172,12 @@ def collect_reference(reference, batch: ClientBatch, factors: str, label: str = 
         raise TypeError(f"{label}: expected a state dict (the previous global adapter), got {type(reference).__name__}")
     found = FactorSet([], [], [])
     checked = []
-    for m in batch.modules:
+    per_module = [factors] * len(batch.modules) if isinstance(factors, str) else list(factors)
+    for m, wanted in zip(batch.modules, per_module):
         a0, b0 = batch.states[0][m.key_A], batch.states[0][m.key_B]
         got = {}
         for factor, key in (("A", m.key_A), ("B", m.key_B)):
-            if factor not in factors:
+            if factor not in wanted:
                 continue
             if key not in reference:
                 raise ValueError(f"{label}: missing key {key!r} that the clients have")

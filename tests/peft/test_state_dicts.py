@@ -5,10 +5,11 @@ from peft import get_peft_model_state_dict
 
 import fedrot_ext
 from fedrot_ext import reference as ref_impl
+from fedrot_ext._types import module_align
 from helpers.peft_models import (
     assert_states_equal, clone_states, live_state, load_into, make_round, stacked, tiny_bert, tiny_gpt2, to_device,
 )
-from helpers.problems import rel_err
+from helpers.problems import haar_rotations, rel_err
 
 WEIGHTS = torch.tensor([3.0, 1.0, 2.0])
 
@@ -44,9 +45,10 @@ def test_fedrot_equals_fused_op_on_same_numbers(round, align):
     assert_states_equal(before, clients + [ref])
     modules, _ = fedrot_ext.parse_lora_keys(clients[0])
     A, B, ref_A, ref_B = stacked(clients, modules, ref)
-    want = fedrot_ext.align_and_aggregate(A, B, ref_A=ref_A, ref_B=ref_B, weights=WEIGHTS, align=align, lam=0.5)
-    for l, m in enumerate(modules):
-        assert torch.equal(out[m.key_A], want.A[l]) and torch.equal(out[m.key_B], want.B[l]), m.name
+    for l, m in enumerate(modules):  # embedding modules align on the mirrored factor
+        mode = module_align(align, m.embedding)
+        want = fedrot_ext.align_and_aggregate([A[l]], [B[l]], ref_A=[ref_A[l]], ref_B=[ref_B[l]], weights=WEIGHTS, align=mode, lam=0.5)
+        assert torch.equal(out[m.key_A], want.A[0]) and torch.equal(out[m.key_B], want.B[0]), m.name
     assert list(out) == list(clients[0])
     assert all(out[k].dtype == clients[0][k].dtype and out[k].shape == clients[0][k].shape for k in out)
 
@@ -169,20 +171,21 @@ def test_load_adapter_safetensors_and_refuses_pickle(tmp_path):
         fedrot_ext.load_adapter(tmp_path / "missing")
 
 
-def test_one_fused_call_over_all_modules():
-    """The dispatcher sees the fused op once for all 5 modules (embedding + 4 attention modules, two
-    ranks), and no other op of fedrot_ext's (counted by the profiler, whatever the Python layer calls)."""
+def test_one_fused_call_per_align_mode():
+    """The dispatcher sees the fused op once for the 4 attention modules (two ranks) and once for the
+    embedding (mirrored mode), and no other op of fedrot_ext's (counted by the profiler)."""
     ref, clients = make_round(tiny_bert(), 3, seed=12)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = fedrot_ext.aggregate_state_dicts(clients, reference=ref, round=1)
     calls = [e.name for e in prof.events() if e.name.startswith("fedrot_ext::")]
-    assert calls == ["fedrot_ext::align_and_aggregate"]
+    assert calls == ["fedrot_ext::align_and_aggregate"] * 2
     modules, _ = fedrot_ext.parse_lora_keys(clients[0])
     A, B, ref_A, ref_B = stacked(clients, modules, ref)
-    want = fedrot_ext.align_and_aggregate(A, B, ref_A=ref_A, ref_B=ref_B, align="A")
-    assert len(modules) == 5
-    for l, m in enumerate(modules):
-        assert torch.equal(out[m.key_A], want.A[l]) and torch.equal(out[m.key_B], want.B[l]), m.name
+    assert len(modules) == 5 and [m.embedding for m in modules] == [True] + [False] * 4
+    want_linear = fedrot_ext.align_and_aggregate(A[1:], B[1:], ref_A=ref_A[1:], ref_B=ref_B[1:], align="A")
+    want_embedding = fedrot_ext.align_and_aggregate(A[:1], B[:1], ref_A=ref_A[:1], ref_B=ref_B[:1], align="B")
+    for m, a, b in zip(modules, want_embedding.A + want_linear.A, want_embedding.B + want_linear.B):
+        assert torch.equal(out[m.key_A], a) and torch.equal(out[m.key_B], b), m.name
 
 
 def test_mixed_dtypes_and_integer_tensors():
@@ -195,7 +198,7 @@ def test_mixed_dtypes_and_integer_tensors():
     out = fedrot_ext.aggregate_state_dicts(clients, reference=ref, round=1)
     assert out[emb.key_A].dtype == torch.float64 and out[modules[1].key_A].dtype == torch.float32
     A, B, ref_A, ref_B = stacked(clients, modules[:1], ref)
-    want = fedrot_ext.align_and_aggregate(A, B, ref_A=ref_A, align="A")
+    want = fedrot_ext.align_and_aggregate(A, B, ref_B=ref_B, align="B")  # the embedding's mirrored mode
     assert torch.equal(out[emb.key_A], want.A[0])
     assert torch.equal(out["num_batches_tracked"], torch.tensor(7))
     clients[2]["num_batches_tracked"] = torch.tensor(8)
@@ -218,3 +221,46 @@ def test_cuda_matches_cpu(method):
         assert rel_err(gpu.base_deltas[k], cpu.base_deltas[k]) < 1e-4, k
     err = fedrot_ext.state_dict_aggregation_error([to_device(c, "cuda") for c in clients], gpu, weights=WEIGHTS)
     assert all(0 <= rel < 1 for _, rel in err.values())
+
+
+def _peft_init_round(seed: int, n_clients: int = 4):
+    """A global adapter as peft leaves it after little training (lora_embedding_A and linear lora_B
+    near zero, the other factors O(1)) and clients that are randomly rotated, noisy copies of it."""
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_bert(seed=seed)
+    ref = {k: v.double() for k, v in get_peft_model_state_dict(model).items()}
+    modules, _ = fedrot_ext.parse_lora_keys(ref)
+    for m in modules:
+        small = m.key_A if m.embedding else m.key_B  # the zero-initialised factor
+        ref[small] = 0.01 * torch.randn(ref[small].shape, generator=g, dtype=torch.float64)
+    clients = []
+    for _ in range(n_clients):
+        state = dict(ref)
+        for m in modules:
+            a, b = ref[m.key_A], ref[m.key_B]
+            Q = haar_rotations(1, a.shape[0], g)[0]
+            state[m.key_A] = Q.T @ (a + 0.01 * torch.randn(a.shape, generator=g, dtype=torch.float64))
+            state[m.key_B] = (b + 0.01 * torch.randn(b.shape, generator=g, dtype=torch.float64)) @ Q
+        clients.append(state)
+    return ref, clients, modules
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_embedding_module_aligned_on_mirrored_factor_beats_fedit(seed):
+    """peft's reversed initialisation for embeddings: aligning lora_embedding_* on the random factor
+    (B, mirrored "A") keeps the embedding's error at or below FedIT's; the unmirrored mode (align on
+    the near-zero lora_embedding_A) rotates by noise and is worse."""
+    ref, clients, modules = _peft_init_round(seed)
+    fedrot = fedrot_ext.aggregate_state_dicts(clients, reference=ref, round=1, lam=1.0)  # round 1 aligns on "A"
+    fedit = fedrot_ext.aggregate_state_dicts(clients, method="fedit")
+    err_rot = fedrot_ext.state_dict_aggregation_error(clients, fedrot)
+    err_it = fedrot_ext.state_dict_aggregation_error(clients, fedit)
+    emb = modules[0]
+    assert emb.embedding
+    A, B, ref_A, ref_B = stacked(clients, [emb], ref)
+    unmirrored = fedrot_ext.align_and_aggregate(A, B, ref_A=ref_A, ref_B=ref_B, align="A", lam=1.0)
+    err_old = fedrot_ext.aggregation_error(A, B, agg_A=unmirrored.A, agg_B=unmirrored.B).relative[0].item()
+    assert err_rot[emb.name][1] <= err_it[emb.name][1]
+    assert err_rot[emb.name][1] < 0.5 * err_old
+    for m in modules:
+        assert err_rot[m.name][1] <= err_it[m.name][1] + 1e-12, m.name
