@@ -20,6 +20,7 @@ import torch
 
 from ._checks import normalized_weights
 from ._stacking import pad_rank
+from ._types import module_align
 from .metrics import _error_of
 from .peft.aggregate import AggregatedState, _average_others, _check_overflow, _fused_average
 from .peft.batch import FactorSet, collect_clients, collect_reference, stack_factors, stack_others
@@ -115,11 +116,12 @@ def merge_adapters(
         A, B = stack_factors(batch, ranks)
     others = _average_others(batch, stack_others(batch), w)
 
+    aligns = [module_align(align, m.embedding) for m in batch.modules]
     cur_A, cur_B = refs.A, refs.B
     changes: List[float] = []
     statuses = []
     for _ in range(iterations):
-        new_A, new_B, status = _fused_average(A, B, FactorSet(cur_A, cur_B, ranks), w, align, 1.0, allow_reflection)
+        new_A, new_B, status = _fused_average(A, B, FactorSet(cur_A, cur_B, ranks), w, aligns, 1.0, allow_reflection)
         statuses += status
         old_A = [pad_rank(o, r, 0) for o, r in zip(cur_A, ranks)]  # a smaller reference rank, zero-padded
         old_B = [pad_rank(o, r, 1) for o, r in zip(cur_B, ranks)]
