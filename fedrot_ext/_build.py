@@ -19,6 +19,11 @@ INSTALL_HINT = ("install the torch you want to run first, then build against it:
                 "pip install --no-build-isolation .")
 
 
+def _version_tuple(version: str) -> tuple:
+    """'13.0' -> (13, 0); an arch '9.0' -> (9, 0)."""
+    return tuple(int(x) for x in version.split(".")[:2])
+
+
 def describe_torch(version: Optional[str], cuda: Optional[str]) -> str:
     if version is None:
         return "no torch"
@@ -51,8 +56,8 @@ def mismatch_message(built_version: str, built_cuda: Optional[str], run_version:
 
 def nvcc_message(nvcc: str, torch_version: str, torch_cuda: str) -> Optional[str]:
     """Refuse a CUDA toolkit older than the CUDA release torch was built with: torch's headers need it."""
-    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
-    if as_tuple(nvcc) >= as_tuple(torch_cuda) and as_tuple(nvcc)[0] == as_tuple(torch_cuda)[0]:
+    have, need = _version_tuple(nvcc), _version_tuple(torch_cuda)
+    if have >= need and have[0] == need[0]:
         return None
     return (f"fedrot_ext: the CUDA toolkit found (nvcc {nvcc}) does not match the CUDA {torch_cuda} that "
             f"torch {torch_version} was built with (same major release, minor >= torch's needed). Use a torch "
@@ -67,16 +72,14 @@ def parse_arch_flags(flags) -> tuple[list[str], list[str]]:
         for kind, digits in re.findall(r"(sm|compute)_(\d+)a?", flag.rsplit(",code=", 1)[-1]):
             arch = f"{digits[:-1]}.{digits[-1]}"
             (sass if kind == "sm" else ptx).add(arch)
-    key = lambda a: tuple(map(int, a.split(".")))  # noqa: E731
-    return sorted(sass, key=key), sorted(ptx, key=key)
+    return sorted(sass, key=_version_tuple), sorted(ptx, key=_version_tuple)
 
 
 def arch_supported(capability: tuple[int, int], sass, ptx) -> bool:
     """SASS runs on the same major architecture at an equal or higher minor; PTX is JIT-compiled upward."""
     major, minor = capability
-    as_tuple = lambda a: tuple(map(int, a.split(".")))  # noqa: E731
-    return (any(as_tuple(a)[0] == major and as_tuple(a)[1] <= minor for a in sass)
-            or any(as_tuple(a) <= (major, minor) for a in ptx))
+    return (any(_version_tuple(a)[0] == major and _version_tuple(a)[1] <= minor for a in sass)
+            or any(_version_tuple(a) <= (major, minor) for a in ptx))
 
 
 def cuda_device_message(info: dict, device_name: str, capability: tuple[int, int]) -> Optional[str]:

@@ -132,12 +132,20 @@ def normalized_weights(weights, N: int, device, acc_dtype: torch.dtype) -> torch
     if weights is None:
         return torch.full((N,), 1.0 / N, dtype=acc_dtype, device=device)
     w = raw_weights(weights, N)
-    if w.dim() != 1 or w.shape[0] != N:
-        raise ValueError(f"weights: expected shape ({N},) (one per client), got {tuple(w.shape)}")
+    check_weights_shape(w.shape, N)
     if w.device.type != "cpu" and w.device != device:
         raise ValueError(f"weights: expected device {device} or cpu (as A[0]), got {w.device}")
     w64 = w.to("cpu", torch.float64)  # N scalars: one small copy, checked on the host in one read
-    values = w64.tolist()
+    return (w64 / weights_total(w64.tolist())).to(device=device, dtype=acc_dtype)
+
+
+def check_weights_shape(shape, N: int) -> None:
+    if len(shape) != 1 or shape[0] != N:
+        raise ValueError(f"weights: expected shape ({N},) (one per client), got {tuple(shape)}")
+
+
+def weights_total(values) -> float:
+    """Validate client weights given as Python floats and return their exact (fsum) total."""
     if not all(math.isfinite(v) for v in values):
         raise ValueError("weights: expected finite values, found NaN or Inf")
     if min(values) < 0:
@@ -145,7 +153,7 @@ def normalized_weights(weights, N: int, device, acc_dtype: torch.dtype) -> torch
     total = math.fsum(values)
     if not total > 0 or not math.isfinite(total):
         raise ValueError("weights: expected a positive sum, got all zeros")
-    return (w64 / total).to(device=device, dtype=acc_dtype)
+    return total
 
 
 def check_robustness(on_invalid: str, clip_norm, noise_multiplier) -> None:

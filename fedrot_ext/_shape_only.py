@@ -3,10 +3,10 @@ devices only, and return outputs of the right shapes (what torch.compile tracing
 memory planning need). Value checks (finite inputs, weights' signs) need real tensors."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from ._checks import check_weights_shape, weights_total
 
 
 def shape_only(t: torch.Tensor) -> bool:
@@ -18,14 +18,10 @@ def shape_only_weights(weights, N: int, device, acc_dtype: torch.dtype) -> torch
     if weights is None:
         return torch.full((N,), 1.0 / N, dtype=acc_dtype, device=device)
     if isinstance(weights, torch.Tensor):
-        if weights.dim() != 1 or weights.shape[0] != N:
-            raise ValueError(f"weights: expected shape ({N},) (one per client), got {tuple(weights.shape)}")
+        check_weights_shape(weights.shape, N)
         w = weights.to(device=device, dtype=acc_dtype)
         return w / w.sum()
     values = [float(v) for v in weights]
-    if len(values) != N:
-        raise ValueError(f"weights: expected shape ({N},) (one per client), got ({len(values)},)")
-    if not all(math.isfinite(v) and v >= 0 for v in values) or not math.fsum(values) > 0:
-        raise ValueError("weights: expected finite non-negative values with a positive sum")
-    total = math.fsum(values)
+    check_weights_shape((len(values),), N)
+    total = weights_total(values)  # the same rules (and messages) as for real tensors
     return torch.tensor([v / total for v in values], dtype=acc_dtype, device=device)
