@@ -15,6 +15,9 @@
 #include <tuple>
 #include <vector>
 
+#include <optional>
+
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include "common/host_device.h"
@@ -40,8 +43,10 @@ struct FactorView {
 };
 
 struct LayerInfo {
-  void* rotations;  // (N, n, n) output in the accumulate dtype
-  int32_t n;        // rank of this layer
+  void* rotations;    // (N, n, n) output in the accumulate dtype
+  int32_t n;          // rank of this layer
+  int32_t align;      // AlignMode of this layer
+  int32_t lam_index;  // this layer's entry in GroupParams::lam (its index in the op's lists)
   int32_t pad_;
 };
 
@@ -50,12 +55,13 @@ struct GroupParams {
   const FactorView* views;  // 2 per layer: [2l] = A, [2l+1] = B
   const LayerInfo* layers;
   const void* weights;  // (N,) normalised, accumulate dtype
+  const void* lam;      // (L,) per-layer soft-rotation strength, accumulate dtype, read on the device
   void* coef;           // workspace (num_layers * N * R * R): w_i R_i, zero-padded
   void* cov;            // CUDA workspace: (num_layers * N * cov_splits * R * R) partial M
   int32_t* status;      // set to 1 when an aggregate comes out non-finite
   int64_t num_chunks;
-  int32_t num_layers, num_clients, cov_splits, align;
-  double lam;
+  int32_t num_layers, num_clients, cov_splits;
+  bool any_aligned;  // some layer of the group aligns: the covariance pass runs
   bool allow_reflection;
 };
 
@@ -74,6 +80,7 @@ struct GroupTables {
   std::vector<FactorView> views;
   std::vector<LayerInfo> layers;
   int64_t num_chunks = 0, max_rows = 0;
+  bool any_aligned = false;
 };
 
 // Runs both passes for the layers of one rank bucket (`bucket` = R): moves
@@ -85,10 +92,26 @@ using GroupRunner = void (*)(const GroupTables& tables, GroupParams params, int 
 using AlignAggregateResult =
     std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
 
+// Optional per-layer references (`Tensor?[]`): empty, or one entry per layer,
+// None where the layer's mode does not read that factor.
+using RefList = c10::List<std::optional<at::Tensor>>;
+
+inline bool uses_A(int64_t align) { return align == kAlignA || align == kAlignAB; }
+inline bool uses_B(int64_t align) { return align == kAlignB || align == kAlignAB; }
+
+// Layer l's reference, or an undefined tensor when its mode does not read it.
+at::Tensor ref_of(const RefList& refs, size_t l, bool used);
+
+// Shapes, dtypes, devices and modes of the op's inputs (shared by every op
+// that takes them); messages name the argument and say what was expected.
+void check_align_aggregate_inputs(at::TensorList A, at::TensorList B, const RefList& ref_A, const RefList& ref_B,
+                                  const at::Tensor& weights, at::IntArrayRef align);
+
 // The op for any device: checks, outputs, grouping by rank bucket; compiled
-// buckets go to `run_group`, larger ranks to the ATen fallback.
-AlignAggregateResult align_and_aggregate_impl(at::TensorList A, at::TensorList B, at::TensorList ref_A,
-                                              at::TensorList ref_B, const at::Tensor& weights, int64_t align,
-                                              double lam, bool allow_reflection, GroupRunner run_group);
+// buckets go to `run_group`, larger ranks to the ATen fallback. align: one
+// mode per layer; lam: (L,) in the accumulate dtype (values clamped to [0, 1]).
+AlignAggregateResult align_and_aggregate_impl(at::TensorList A, at::TensorList B, const RefList& ref_A,
+                                              const RefList& ref_B, const at::Tensor& weights, at::IntArrayRef align,
+                                              const at::Tensor& lam, bool allow_reflection, GroupRunner run_group);
 
 }  // namespace fedrot

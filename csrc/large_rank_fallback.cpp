@@ -19,21 +19,21 @@ at::Tensor polar_aten(const at::Tensor& M, bool allow_reflection) {
 
 }  // namespace
 
-at::Tensor soft_procrustes_aten(const at::Tensor& M, double lam, bool allow_reflection) {
+at::Tensor soft_procrustes_aten(const at::Tensor& M, const at::Tensor& lam, bool allow_reflection) {
   const int64_t n = M.size(-1);
   const at::Tensor eye = at::eye(n, M.options()).expand_as(M);
   const at::Tensor scale = M.abs().amax({-2, -1}, /*keepdim=*/true);
-  const at::Tensor degenerate = (scale == 0).logical_or(scale.isfinite().logical_not());
-  if (lam == 0) return eye.clone();
-  const at::Tensor Ms = at::where(degenerate, eye, M / at::where(degenerate, at::ones_like(scale), scale));
-  at::Tensor R = polar_aten(Ms, allow_reflection);
-  if (lam != 1) R = polar_aten(eye * (1 - lam) + R * lam, allow_reflection);
-  return at::where(degenerate, eye, R);
+  // λ = 0 and a zero or non-finite M give I exactly; λ = 1 the hard solution (as common/polar.h).
+  const at::Tensor identity = (scale == 0).logical_or(scale.isfinite().logical_not()).logical_or(lam == 0);
+  const at::Tensor Ms = at::where(identity, eye, M / at::where(identity, at::ones_like(scale), scale));
+  const at::Tensor hard = polar_aten(Ms, allow_reflection);
+  const at::Tensor soft = polar_aten(eye * (1 - lam) + hard * lam, allow_reflection);
+  return at::where(identity, eye, at::where(lam == 1, hard, soft));
 }
 
 void align_aggregate_layer_aten(const at::Tensor& A, const at::Tensor& B, const at::Tensor& ref_A,
                                 const at::Tensor& ref_B, const at::Tensor& weights, bool identity,
-                                double lam, bool allow_reflection, at::Tensor& out_A, at::Tensor& out_B,
+                                const at::Tensor& lam, bool allow_reflection, at::Tensor& out_A, at::Tensor& out_B,
                                 at::Tensor& rotations, at::Tensor& status) {
   const auto acc = rotations.scalar_type();
   const at::Tensor a = A.to(acc), b = B.to(acc);

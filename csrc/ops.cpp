@@ -14,7 +14,10 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fedrot_ext, m) {
   m.def(
-      "align_and_aggregate(Tensor[] A, Tensor[] B, Tensor[] ref_A, Tensor[] ref_B, Tensor weights, int align, "
-      "float lam, bool allow_reflection) -> (Tensor[], Tensor[], Tensor[], Tensor)");
+      "align_and_aggregate(Tensor[] A, Tensor[] B, Tensor?[] ref_A, Tensor?[] ref_B, Tensor weights, int[] align, "
+      "Tensor lam, bool allow_reflection) -> (Tensor[], Tensor[], Tensor[], Tensor)");
+  m.def(
+      "choose_lam(Tensor[] A, Tensor[] B, Tensor?[] ref_A, Tensor?[] ref_B, Tensor weights, int[] align, "
+      "float[] grid, bool allow_reflection) -> (Tensor, Tensor)");
   m.def("procrustes_rotation(Tensor M, float lam, bool allow_reflection) -> Tensor");
 }

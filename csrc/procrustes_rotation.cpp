@@ -19,7 +19,8 @@ at::Tensor procrustes_rotation_impl(const at::Tensor& M, double lam, bool allow_
   const int64_t n = M.size(-1);
   const at::Tensor batch = M.contiguous().reshape({-1, n, n});
   const int bucket = rank_bucket(n);
-  if (bucket == 0) return soft_procrustes_aten(batch, lam, allow_reflection).reshape(M.sizes());
+  if (bucket == 0)
+    return soft_procrustes_aten(batch, at::scalar_tensor(lam, batch.options()), allow_reflection).reshape(M.sizes());
   at::Tensor out = at::empty_like(batch);
   if (batch.size(0) > 0) run_batch(batch, out, lam, allow_reflection, bucket);
   return out.reshape(M.sizes());

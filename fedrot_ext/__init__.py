@@ -9,7 +9,7 @@ from ._runtime import build_info, check_running_torch
 check_running_torch()  # before _C loads: a torch mismatch is a clear ImportError, not an undefined symbol
 
 from . import reference  # noqa: E402
-from ._ops import accumulate_dtype, align_and_aggregate, procrustes_rotation
+from ._ops import DEFAULT_LAM_GRID, accumulate_dtype, align_and_aggregate, procrustes_rotation
 from ._types import ALIGN_MODES, Aggregate
 from .baselines import fedex_residual, flexlora_aggregate, weighted_product_sum
 from .methods import METHOD_TABLE, METHODS, Method
@@ -31,6 +31,7 @@ from .server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 __version__ = build_info()["version"]
 
 __all__ = [
+    "DEFAULT_LAM_GRID",
     "ALIGN_MODES",
     "Aggregate",
     "accumulate_dtype",

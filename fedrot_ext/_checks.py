@@ -15,13 +15,13 @@ from ._types import ALIGN_MODES, align_uses
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _as_tensor_list(name: str, value) -> list:
+def _as_tensor_list(name: str, value, allow_none: bool = False) -> list:
     if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
         raise TypeError(f"{name}: expected a list or tuple of tensors (one per LoRA layer), got {type(value).__name__}")
     if len(value) == 0:
         raise ValueError(f"{name}: expected a non-empty list of layer tensors, got an empty list")
     for l, t in enumerate(value):
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) and not (allow_none and t is None):
             raise TypeError(f"{name}[{l}]: expected a torch.Tensor, got {type(t).__name__}")
     return list(value)
 
@@ -31,18 +31,68 @@ def check_align(align: str) -> None:
         raise ValueError(f"align: expected one of {ALIGN_MODES}, got {align!r}")
 
 
-def check_lam(lam) -> float:
+def layer_aligns(align, L: int) -> list:
+    """One align mode per layer, from a mode or a sequence of L modes."""
+    if isinstance(align, str):
+        check_align(align)
+        return [align] * L
+    if not isinstance(align, (list, tuple)):
+        raise TypeError(f"align: expected one of {ALIGN_MODES} or a sequence of {L} of them, got {type(align).__name__}")
+    if len(align) != L:
+        raise ValueError(f"align: expected {L} modes (one per layer), got {len(align)}")
+    for l, a in enumerate(align):
+        if a not in ALIGN_MODES:
+            raise ValueError(f"align[{l}]: expected one of {ALIGN_MODES}, got {a!r}")
+    return list(align)
+
+
+def check_lam(lam, name: str = "lam") -> float:
+    if isinstance(lam, bool):
+        raise TypeError(f"{name}: expected a float in [0, 1], got bool")
     try:
         lam_f = float(lam)
     except (TypeError, ValueError):
-        raise TypeError(f"lam: expected a float in [0, 1], got {type(lam).__name__}") from None
+        raise TypeError(f"{name}: expected a float in [0, 1], got {type(lam).__name__}") from None
     if not (0.0 <= lam_f <= 1.0):  # also rejects NaN
-        raise ValueError(f"lam: expected a value in [0, 1], got {lam_f}")
+        raise ValueError(f"{name}: expected a value in [0, 1], got {lam_f}")
     return lam_f
 
 
-def check_factors(A, B, ref_A, ref_B, align: str):
-    """Validate shapes, dtypes and devices; return (A, B, ref_A, ref_B, N, dtype, device)."""
+def check_lam_or_auto(lam):
+    """A float in [0, 1], or "auto" (λ chosen per layer from a grid)."""
+    if isinstance(lam, str):
+        if lam != "auto":
+            raise TypeError(f"lam: expected a float in [0, 1] or 'auto', got {lam!r}")
+        return lam
+    return check_lam(lam)
+
+
+def layer_lams(lam, L: int):
+    """"auto", or one λ per layer from a float or a sequence of L floats."""
+    if isinstance(lam, (list, tuple)):
+        if len(lam) != L:
+            raise ValueError(f"lam: expected {L} values (one per layer), got {len(lam)}")
+        return [check_lam(v, f"lam[{l}]") for l, v in enumerate(lam)]
+    lam = check_lam_or_auto(lam)
+    return lam if lam == "auto" else [lam] * L
+
+
+def check_lam_grid(grid) -> tuple:
+    """The candidates of lam="auto": a non-empty sequence in [0, 1] that contains 0 (FedIT), which is what
+    guarantees that the chosen aggregate is never worse than plain averaging."""
+    if isinstance(grid, (str, torch.Tensor)) or not isinstance(grid, (list, tuple)) or not grid:
+        raise ValueError(f"lam_grid: expected a non-empty sequence of floats in [0, 1], got {grid!r}")
+    values = tuple(check_lam(v, f"lam_grid[{k}]") for k, v in enumerate(grid))
+    if 0.0 not in values:
+        raise ValueError(f"lam_grid: expected 0.0 among the candidates (it guarantees the result is never worse "
+                         f"than FedIT), got {values}")
+    return values
+
+
+def check_factors(A, B, ref_A, ref_B, align):
+    """Validate shapes, dtypes and devices (align: a mode or one per layer, already checked);
+    return (A, B, ref_A, ref_B, N, dtype, device). A reference list may hold None for the
+    layers whose mode does not read it."""
     A = _as_tensor_list("A", A)
     B = _as_tensor_list("B", B)
     if len(A) != len(B):
@@ -70,19 +120,24 @@ def check_factors(A, B, ref_A, ref_B, align: str):
                 raise TypeError(f"{name}: expected dtype {dtype} (as A[0]), got {t.dtype}")
             if t.device != device:
                 raise ValueError(f"{name}: expected device {device} (as A[0]), got {t.device}")
-    refs = {"ref_A": ref_A, "ref_B": ref_B}
-    needed = dict(zip(("ref_A", "ref_B"), align_uses(align)))
+    aligns = [align] * len(A) if isinstance(align, str) else list(align)
     checked = {}
-    for name, ref in refs.items():
+    for f, (name, ref) in enumerate((("ref_A", ref_A), ("ref_B", ref_B))):
+        needed = [align_uses(a)[f] for a in aligns]
         if ref is None:
-            if needed[name]:
-                raise ValueError(f"{name}: required when align={align!r} (the previous global factors), got None")
+            if any(needed):
+                shown = aligns[0] if len(set(aligns)) == 1 else aligns
+                raise ValueError(f"{name}: required when align={shown!r} (the previous global factors), got None")
             checked[name] = None
             continue
-        ref = _as_tensor_list(name, ref)
+        ref = _as_tensor_list(name, ref, allow_none=True)
         if len(ref) != len(A):
             raise ValueError(f"{name}: expected {len(A)} layer tensors to match A, got {len(ref)}")
         for l, t in enumerate(ref):
+            if t is None:
+                if needed[l]:
+                    raise ValueError(f"{name}[{l}]: required when align[{l}]={aligns[l]!r}, got None")
+                continue
             r, d_in = A[l].shape[1], A[l].shape[2]
             want = (r, d_in) if name == "ref_A" else (B[l].shape[1], r)
             if tuple(t.shape) != want:
@@ -103,12 +158,19 @@ def all_finite(tensors, device) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
-def nonfinite_reference_error(ref_A, ref_B, align: str) -> ValueError:
+def used_refs(ref_A, ref_B, aligns):
+    """(name, layer, tensor) of every reference some layer's mode reads."""
+    out = []
+    for f, (name, refs) in enumerate((("ref_A", ref_A), ("ref_B", ref_B))):
+        out += [(name, l, refs[l]) for l, a in enumerate(aligns) if align_uses(a)[f]]
+    return out
+
+
+def nonfinite_reference_error(ref_A, ref_B, aligns) -> ValueError:
     """The error naming the first reference layer holding NaN/Inf (slow path, after all_finite failed)."""
-    for name, refs, used in zip(("ref_A", "ref_B"), (ref_A, ref_B), align_uses(align)):
-        for l, t in enumerate(refs if used else []):
-            if not bool(torch.isfinite(t).all()):
-                return ValueError(f"{name}[{l}]: expected finite values, found NaN or Inf")
+    for name, l, t in used_refs(ref_A, ref_B, aligns):
+        if not bool(torch.isfinite(t).all()):
+            return ValueError(f"{name}[{l}]: expected finite values, found NaN or Inf")
     return ValueError("ref_A/ref_B: expected finite values, found NaN or Inf")
 
 

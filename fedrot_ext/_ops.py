@@ -16,15 +16,18 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.fedrot_ext)
 from ._checks import (
-    all_finite, check_align, check_factors, check_lam, check_robustness, nonfinite_reference_error, normalized_weights,
-    overflow_error,
+    all_finite, check_factors, check_lam, check_lam_grid, check_robustness, layer_aligns, layer_lams,
+    nonfinite_reference_error, normalized_weights, overflow_error, used_refs,
 )
 from ._runtime import check_device
 from ._shape_only import shape_only, shape_only_weights
 from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients, noise_std, surviving_weights
 from ._types import ALIGN_CODES, Aggregate, align_uses
 
-__all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype", "fused_align_aggregate"]
+__all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype", "fused_align_aggregate", "DEFAULT_LAM_GRID"]
+
+# The candidates of lam="auto"; 0 (FedIT) among them makes the result never worse than plain averaging.
+DEFAULT_LAM_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,30 +88,48 @@ def procrustes_rotation(M: torch.Tensor, lam: float = 0.5, allow_reflection: boo
     return torch.ops.fedrot_ext.procrustes_rotation(M, lam, bool(allow_reflection))
 
 
-def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, align: str, lam: float, allow_reflection: bool):
+def _layer_refs(refs, aligns, factor: int) -> list:
+    """The op's `Tensor?[]`: layer l's reference where its mode reads it, else None (empty if none is read)."""
+    used = [align_uses(a)[factor] for a in aligns]
+    return [refs[l] if u else None for l, u in enumerate(used)] if any(used) else []
+
+
+def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, align, lam, allow_reflection: bool,
+                          lam_grid=DEFAULT_LAM_GRID):
     """The unchecked entry of the fused op, for callers that validated everything already.
 
-    A, B, ref_A, ref_B as in :func:`align_and_aggregate` (refs None when not used); w the
-    normalised (N,) weights in the accumulate dtype on the factors' device. Returns
-    (out_A, out_B, rotations, status) without synchronising: status is a (1,) int32 tensor,
-    non-zero iff an aggregate came out non-finite.
+    A, B, ref_A, ref_B as in :func:`align_and_aggregate` (refs None, or None entries, where not
+    read); w the normalised (N,) weights in the accumulate dtype on the factors' device; align a
+    mode or one per layer; lam a float, one per layer, or "auto" (chosen from `lam_grid` by the
+    choose_lam op). Returns (out_A, out_B, rotations, status, lam) without synchronising: status
+    is a (1,) int32 tensor, non-zero iff an aggregate came out non-finite; lam the (L,) λ used.
     """
     check_device(A[0].device)
-    use_A, use_B = align_uses(align)
+    aligns = [align] * len(A) if isinstance(align, str) else list(align)
+    codes = [ALIGN_CODES[a] for a in aligns]
+    refs_A, refs_B = _layer_refs(ref_A, aligns, 0), _layer_refs(ref_B, aligns, 1)
+    if isinstance(lam, str):  # "auto"
+        lam_t, _ = torch.ops.fedrot_ext.choose_lam(A, B, refs_A, refs_B, w, codes, list(lam_grid), bool(allow_reflection))
+    else:
+        lams = [float(lam)] * len(A) if isinstance(lam, (int, float)) else [float(v) for v in lam]
+        lam_t = torch.tensor(lams, dtype=w.dtype).to(w.device)
     out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
-        A, B, ref_A if use_A else [], ref_B if use_B else [], w, ALIGN_CODES[align], lam, bool(allow_reflection)
+        A, B, refs_A, refs_B, w, codes, lam_t, bool(allow_reflection)
     )
-    return list(out_A), list(out_B), list(rots), status
+    return list(out_A), list(out_B), list(rots), status, lam_t
 
 
-def _fused(A, B, ref_A, ref_B, w, align: str, lam: float, allow_reflection: bool, clip_norm, ref_ok):
-    """One op call plus the one host synchronisation: (outputs..., aggregate failed, references finite)."""
+def _fused(A, B, ref_A, ref_B, w, aligns, lam, lam_grid, allow_reflection: bool, clip_norm, ref_ok):
+    """One op call plus the one host synchronisation:
+    (outputs..., aggregate failed, references finite, λ used per layer)."""
     if clip_norm is not None:
         # Norms in float64: finite factors of ~1e19 would overflow a float32 norm and escape the clip.
         w = w * clip_scales(client_update_norms(A, B, torch.float64), clip_norm).sqrt().to(w.dtype)
-    out_A, out_B, rots, status = fused_align_aggregate(A, B, ref_A, ref_B, w, align, lam, allow_reflection)
-    failed, refs_finite = torch.stack([status[0] != 0, ref_ok.to(status.device)]).tolist()  # the one host sync
-    return out_A, out_B, rots, bool(failed), bool(refs_finite)
+    out_A, out_B, rots, status, lam_t = fused_align_aggregate(A, B, ref_A, ref_B, w, aligns, lam, allow_reflection, lam_grid)
+    flags = torch.stack([status[0] != 0, ref_ok.to(status.device)]).to(torch.float64)
+    chosen = [lam_t.to(torch.float64)] if lam == "auto" else []
+    values = torch.cat([flags, *chosen]).tolist()  # the one host sync
+    return out_A, out_B, rots, bool(values[0]), bool(values[1]), tuple(values[2:]) if chosen else tuple(lam)
 
 
 def align_and_aggregate(
@@ -118,8 +139,9 @@ def align_and_aggregate(
     ref_A: Optional[Sequence[torch.Tensor]] = None,
     ref_B: Optional[Sequence[torch.Tensor]] = None,
     weights=None,
-    align: str = "A",
-    lam: float = 0.5,
+    align="A",
+    lam=0.5,
+    lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
     allow_reflection: bool = False,
     return_rotations: bool = False,
     on_invalid: str = "raise",
@@ -142,8 +164,13 @@ def align_and_aggregate(
         ref_B: L tensors (out_l, r_l), the previous global B; required when align uses B.
         weights: (N,) non-negative client weights (e.g. sample counts), normalised
             inside; None means uniform.
-        align: "A", "B", "AB" or "none".
-        lam: soft-rotation strength in [0, 1]; 0 is FedIT, 1 is hard Procrustes.
+        align: "A", "B", "AB" or "none", or a sequence of L of them (one per layer).
+        lam: soft-rotation strength in [0, 1] (0 is FedIT, 1 is hard Procrustes), a sequence of
+            L of them, or "auto": per layer, the candidate of `lam_grid` whose aggregate has the
+            smallest aggregation error ‖Σ w_i B_i A_i − B̄Ā‖_F, scored exactly from (N·r)² Grams
+            (never a dense out × in matrix). Since 0 is a candidate, no layer ends up worse than
+            FedIT (up to rounding of the Grams: about u·‖Σ w_i B_i A_i‖² on the squared error).
+        lam_grid: the candidates of lam="auto" (must contain 0).
         allow_reflection: solve over O(r) instead of SO(r) (off: det R_i = +1).
         return_rotations: also return the (N, r_l, r_l) rotations per layer.
         on_invalid: "raise" (default) raises naming the client and tensor holding NaN/Inf;
@@ -158,29 +185,29 @@ def align_and_aggregate(
 
     Returns:
         :class:`Aggregate` with ``A[l]`` (r_l, in_l) and ``B[l]`` (out_l, r_l) in the
-        input dtype, ``rotations`` (float32, float64 for float64 input) or None, and
-        ``dropped``.
+        input dtype, ``rotations`` (float32, float64 for float64 input) or None,
+        ``dropped``, and ``lam``: the λ each layer used (the chosen one with "auto").
 
     Raises:
         ValueError / TypeError naming the offending argument for bad shapes, ranks,
         dtypes, devices, weights, λ, align mode, missing references, and (unless
         on_invalid="skip") NaN/Inf in a client factor. Inputs are never modified.
     """
-    check_align(align)
-    lam = check_lam(lam)
+    aligns = layer_aligns(align, len(A) if isinstance(A, (list, tuple)) else 1)  # A itself is checked below
+    lam = layer_lams(lam, len(aligns))
+    lam_grid = check_lam_grid(lam_grid)
     check_robustness(on_invalid, clip_norm, noise_multiplier)
-    A, B, ref_A, ref_B, N, dtype, device = check_factors(A, B, ref_A, ref_B, align)
+    A, B, ref_A, ref_B, N, dtype, device = check_factors(A, B, ref_A, ref_B, aligns)
     if shape_only(A[0]):  # meta/fake: outputs of the right shapes, nothing value-dependent (no clip, noise, skip)
         w = shape_only_weights(weights, N, device, accumulate_dtype(dtype))
-        out_A, out_B, rots, _ = fused_align_aggregate(A, B, ref_A, ref_B, w, align, lam, allow_reflection)
+        out_A, out_B, rots, _, _ = fused_align_aggregate(A, B, ref_A, ref_B, w, aligns, lam, allow_reflection, lam_grid)
         return Aggregate(out_A, out_B, rots if return_rotations else None, ())
     w = normalized_weights(weights, N, device, accumulate_dtype(dtype))
-    use_A, use_B = align_uses(align)
-    refs = (ref_A if use_A else []) + (ref_B if use_B else [])
-    ref_ok = all_finite(refs, device)  # read with the op's status flag: one synchronisation for both
-    out_A, out_B, rots, failed, refs_finite = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm, ref_ok)
+    ref_ok = all_finite([t for _, _, t in used_refs(ref_A, ref_B, aligns)], device)  # read with the status: one sync
+    fuse = lambda A, B, w: _fused(A, B, ref_A, ref_B, w, aligns, lam, lam_grid, allow_reflection, clip_norm, ref_ok)  # noqa: E731
+    out_A, out_B, rots, failed, refs_finite, lam_used = fuse(A, B, w)
     if not refs_finite:
-        raise nonfinite_reference_error(ref_A, ref_B, align)
+        raise nonfinite_reference_error(ref_A, ref_B, aligns)
     dropped = ()
     if failed:
         bad = invalid_clients(A, B)
@@ -193,7 +220,7 @@ def align_and_aggregate(
         keep = torch.tensor(kept, dtype=torch.long, device=device)
         A = [a.index_select(0, keep) for a in A]
         B = [b.index_select(0, keep) for b in B]
-        out_A, out_B, kept_rots, failed, _ = _fused(A, B, ref_A, ref_B, w, align, lam, allow_reflection, clip_norm, ref_ok)
+        out_A, out_B, kept_rots, failed, _, lam_used = fuse(A, B, w)
         if failed:
             raise overflow_error("A/B", [dtype])
         rots = [torch.eye(R.shape[-1], dtype=R.dtype, device=device).repeat(N, 1, 1).index_copy_(0, keep, R)
@@ -203,4 +230,4 @@ def align_and_aggregate(
         std = noise_std(noise_multiplier, clip_norm, w)
         out_A = add_gaussian_noise(out_A, std, generator)
         out_B = add_gaussian_noise(out_B, std, generator)
-    return Aggregate(out_A, out_B, rots if return_rotations else None, dropped)
+    return Aggregate(out_A, out_B, rots if return_rotations else None, dropped, lam_used)

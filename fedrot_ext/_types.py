@@ -29,9 +29,11 @@ class Aggregate(NamedTuple):
     both in the input dtype. rotations[l]: (N, r_l, r_l) per-client rotations R_i
     (float32, or float64 for float64 input) when requested, else None.
     dropped: (client index, reason) of the clients left out with on_invalid="skip".
+    lam: the soft-rotation strength each layer used (the chosen one with lam="auto").
     """
 
     A: List[torch.Tensor]
     B: List[torch.Tensor]
     rotations: Optional[List[torch.Tensor]] = None
     dropped: Tuple[Tuple[int, str], ...] = ()
+    lam: Tuple[float, ...] = ()

@@ -121,7 +121,7 @@ def merge_adapters(
     changes: List[float] = []
     statuses = []
     for _ in range(iterations):
-        new_A, new_B, status = _fused_average(A, B, FactorSet(cur_A, cur_B, ranks), w, aligns, 1.0, allow_reflection)
+        new_A, new_B, status, _ = _fused_average(A, B, FactorSet(cur_A, cur_B, ranks), w, aligns, 1.0, allow_reflection)
         statuses += status
         old_A = [pad_rank(o, r, 0) for o, r in zip(cur_A, ranks)]  # a smaller reference rank, zero-padded
         old_B = [pad_rank(o, r, 1) for o, r in zip(cur_B, ranks)]

@@ -53,14 +53,23 @@ def align_and_aggregate_ref(
     ref_A: Optional[Sequence[torch.Tensor]] = None,
     ref_B: Optional[Sequence[torch.Tensor]] = None,
     weights: Optional[torch.Tensor] = None,
-    align: str = "A",
-    lam: float = 0.5,
+    align="A",
+    lam=0.5,
+    lam_grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     allow_reflection: bool = False,
     return_rotations: bool = False,
 ) -> Aggregate:
-    """Float64 reference of :func:`fedrot_ext.align_and_aggregate` (outputs are float64)."""
-    if align not in ALIGN_MODES:
-        raise ValueError(f"align: expected one of {ALIGN_MODES}, got {align!r}")
+    """Float64 reference of :func:`fedrot_ext.align_and_aggregate` (outputs are float64);
+    align and lam per layer or for all, lam="auto" by :func:`choose_lam_ref`."""
+    L = len(A)
+    aligns = [align] * L if isinstance(align, str) else list(align)
+    for a in aligns:
+        if a not in ALIGN_MODES:
+            raise ValueError(f"align: expected one of {ALIGN_MODES}, got {a!r}")
+    if lam == "auto":
+        lam, _ = choose_lam_ref(A, B, ref_A=ref_A, ref_B=ref_B, weights=weights, align=aligns, grid=lam_grid,
+                                allow_reflection=allow_reflection)
+    lams = [float(lam)] * L if isinstance(lam, (int, float)) else [float(v) for v in lam]
     N = A[0].shape[0]
     if weights is None:
         w = torch.ones(N, dtype=torch.float64)
@@ -74,20 +83,46 @@ def align_and_aggregate_ref(
         a, b = a.detach().double().cpu(), b.detach().double().cpu()
         r = a.shape[1]
         M = torch.zeros(N, r, r, dtype=torch.float64)
-        if align in ("A", "AB"):
+        if aligns[l] in ("A", "AB"):
             M += a @ ref_A[l].detach().double().cpu().T
-        if align in ("B", "AB"):
+        if aligns[l] in ("B", "AB"):
             M += b.transpose(1, 2) @ ref_B[l].detach().double().cpu()
-        if align == "none":
+        if aligns[l] == "none":
             R = torch.eye(r, dtype=torch.float64).expand(N, r, r).clone()
         else:
-            R = procrustes_rotation_ref(M, lam, allow_reflection)
+            R = procrustes_rotation_ref(M, lams[l], allow_reflection)
         a_rot = R.transpose(1, 2) @ a  # Ã_i = R_iᵀ A_i
         b_rot = b @ R  # B̃_i = B_i R_i
         outs_A.append(torch.einsum("i,ijk->jk", w, a_rot))
         outs_B.append(torch.einsum("i,ijk->jk", w, b_rot))
         rots.append(R)
-    return Aggregate(outs_A, outs_B, rots if return_rotations else None)
+    return Aggregate(outs_A, outs_B, rots if return_rotations else None, (), tuple(lams))
+
+
+def choose_lam_ref(A, B, *, ref_A=None, ref_B=None, weights=None, align="A", grid=(0.0, 0.25, 0.5, 0.75, 1.0),
+                   allow_reflection: bool = False):
+    """Float64 reference of lam="auto": for each layer and candidate λ, aggregate with the
+    reference op and measure ‖Σ w_i B_i A_i − B̄Ā‖_F / ‖Σ w_i B_i A_i‖_F on the dense product.
+    Returns (chosen λ per layer, (L, K) relative errors)."""
+    L = len(A)
+    aligns = [align] * L if isinstance(align, str) else list(align)
+    N = A[0].shape[0]
+    w = torch.ones(N, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64).cpu()
+    w = w / w.sum()
+    chosen, errors = [], []
+    for l in range(L):
+        a, b = A[l].detach().double().cpu(), B[l].detach().double().cpu()
+        Z = torch.einsum("i,ior,irc->oc", w, b, a)
+        row = []
+        for lam in grid:
+            agg = align_and_aggregate_ref([a], [b], ref_A=None if ref_A is None else [ref_A[l]],
+                                          ref_B=None if ref_B is None else [ref_B[l]], weights=w, align=aligns[l], lam=lam,
+                                          allow_reflection=allow_reflection)
+            err = torch.linalg.norm(Z - agg.B[0] @ agg.A[0])
+            row.append(float(err / torch.linalg.norm(Z)) if torch.linalg.norm(Z) > 0 else 0.0)
+        errors.append(row)
+        chosen.append(float(grid[min(range(len(grid)), key=row.__getitem__)]))
+    return chosen, torch.tensor(errors, dtype=torch.float64)
 
 
 # The names of the ops they mirror: ``reference.align_and_aggregate`` is the float64 twin of

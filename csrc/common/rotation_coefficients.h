@@ -1,6 +1,6 @@
 // The per-(layer, client) step between the two passes of align_and_aggregate,
-// identical on CPU and GPU: M_i -> R_i (soft Procrustes, or I for align =
-// none), written out as the returned rotation and as the zero-padded
+// identical on CPU and GPU: M_i -> R_i (soft Procrustes with the layer's own
+// mode and λ, or I for align = none), written out as the returned rotation and as the zero-padded
 // coefficient w_i R_i that the aggregation pass multiplies X_i by.
 #pragma once
 
@@ -14,11 +14,15 @@ template <typename acc_t, int R>
 FR_HD void rotation_from_covariance(const GroupParams& p, int64_t li, acc_t* M, acc_t* Rot,
                                     PolarScratch<acc_t, R>& scratch) {
   const int64_t l = li / p.num_clients, i = li % p.num_clients;
-  const int n = p.layers[l].n;
-  if (p.align == kAlignNone) {
+  const LayerInfo& layer = p.layers[l];
+  const int n = layer.n;
+  if (layer.align == kAlignNone) {
     set_identity<acc_t, R>(Rot, n);
   } else {
-    soft_procrustes<acc_t, R>(M, Rot, n, static_cast<acc_t>(p.lam), p.allow_reflection, scratch);
+    const acc_t lam = static_cast<const acc_t*>(p.lam)[layer.lam_index];
+    // Clamped for direct torch.ops callers (the Python front checks λ); NaN gives 0.
+    soft_procrustes<acc_t, R>(M, Rot, n, lam > acc_t(1) ? acc_t(1) : (lam > acc_t(0) ? lam : acc_t(0)),
+                              p.allow_reflection, scratch);
   }
   const acc_t w = static_cast<const acc_t*>(p.weights)[i];
   acc_t* rot_out = static_cast<acc_t*>(p.layers[l].rotations) + i * n * n;

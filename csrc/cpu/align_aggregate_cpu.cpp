@@ -141,7 +141,7 @@ void rotations_pass(const GroupParams& p) {
     for (int64_t li = begin; li < end; ++li) {
       const int64_t l = li / p.num_clients, i = li % p.num_clients;
       std::fill(M, M + R * R, acc_t(0));
-      for (int f = 0; f < 2 && p.align != kAlignNone; ++f) {
+      for (int f = 0; f < 2; ++f) {  // views with no reference do not align
         const FactorView& v = p.views[2 * l + f];
         if (v.ref != nullptr) accumulate_covariance<scalar_t, acc_t, R>(v, i, p.layers[l].n, M);
       }
@@ -289,9 +289,9 @@ void run_group_cpu(const GroupTables& t, GroupParams p, int bucket, const at::Te
   });
 }
 
-AlignAggregateResult align_and_aggregate_cpu(at::TensorList A, at::TensorList B, at::TensorList ref_A,
-                                             at::TensorList ref_B, const at::Tensor& weights, int64_t align,
-                                             double lam, bool allow_reflection) {
+AlignAggregateResult align_and_aggregate_cpu(at::TensorList A, at::TensorList B, const RefList& ref_A,
+                                             const RefList& ref_B, const at::Tensor& weights, at::IntArrayRef align,
+                                             const at::Tensor& lam, bool allow_reflection) {
   return align_and_aggregate_impl(A, B, ref_A, ref_B, weights, align, lam, allow_reflection, &run_group_cpu);
 }
 

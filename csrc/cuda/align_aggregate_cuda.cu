@@ -85,7 +85,7 @@ __global__ void rotation_kernel(GroupParams p) {
   auto& slot = reinterpret_cast<RotationSlot<acc_t, R>*>(smem)[threadIdx.x];
   const int64_t li = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (li >= int64_t(p.num_layers) * p.num_clients) return;
-  if (p.align != kAlignNone) {  // pass 1 did not run otherwise
+  if (p.any_aligned) {  // pass 1 did not run otherwise
     const acc_t* partial = static_cast<const acc_t*>(p.cov) + li * p.cov_splits * R * R;
     for (int e = 0; e < R * R; ++e) {
       acc_t sum = 0;
@@ -160,7 +160,7 @@ void launch_group(const GroupParams& p, c10::ScalarType dtype, int bucket) {
     using acc_t = acc_type_t<scalar_t>;
     dispatch_rank_bucket(bucket, [&](auto rank) {
       constexpr int R = decltype(rank)::value;
-      if (p.align != kAlignNone) {
+      if (p.any_aligned) {
         cross_covariance_kernel<scalar_t, acc_t, R><<<layer_clients * p.cov_splits, kThreads, 0, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
@@ -190,7 +190,7 @@ void run_group_cuda(const GroupTables& t, GroupParams p, int bucket, const at::T
   p.cov_splits = covariance_splits(layer_clients, t.max_rows);
   const at::Tensor coef = at::empty({layer_clients * R * R}, weights.options());
   const at::Tensor cov =
-      at::empty({p.align == kAlignNone ? 0 : layer_clients * p.cov_splits * R * R}, weights.options());
+      at::empty({!p.any_aligned ? 0 : layer_clients * p.cov_splits * R * R}, weights.options());
   p.views = reinterpret_cast<const FactorView*>(table.data_ptr());
   p.layers = reinterpret_cast<const LayerInfo*>(static_cast<const char*>(table.data_ptr()) + view_bytes);
   p.coef = coef.data_ptr();
@@ -198,9 +198,9 @@ void run_group_cuda(const GroupTables& t, GroupParams p, int bucket, const at::T
   launch_group(p, first.scalar_type(), bucket);
 }
 
-AlignAggregateResult align_and_aggregate_cuda(at::TensorList A, at::TensorList B, at::TensorList ref_A,
-                                              at::TensorList ref_B, const at::Tensor& weights, int64_t align,
-                                              double lam, bool allow_reflection) {
+AlignAggregateResult align_and_aggregate_cuda(at::TensorList A, at::TensorList B, const RefList& ref_A,
+                                              const RefList& ref_B, const at::Tensor& weights, at::IntArrayRef align,
+                                              const at::Tensor& lam, bool allow_reflection) {
   return align_and_aggregate_impl(A, B, ref_A, ref_B, weights, align, lam, allow_reflection, &run_group_cuda);
 }
 

@@ -83,19 +83,19 @@ def run(args) -> dict:
                 raise InputError(f"--merge: fedrot_ext.merge_adapters is not available in this install ({err})") from None
 
             aggregated = merge_adapters(states, weights=weights, align="AB", reference=ref_state)
-            align, method = "AB", "merge"
+            align, method, lam = "AB", "merge", 1.0  # generalised Procrustes: hard rotations
         else:
             aggregated = _aggregate(states, ref_state, weights, args, config)
             method = args.method
             align = alignment_for_round(args.round, args.schedule) if spec.aligns and args.round is not None else None
     except (ValueError, TypeError) as err:  # the library's messages name the argument, client and key
         raise InputError(_name_files(str(err), args.clients, args.reference)) from None
-    lam_used = getattr(aggregated, "lam", lam)
+    lam_used = getattr(aggregated, "lam", {})  # {module: λ}
     base_deltas = getattr(aggregated, "base_deltas", {})
     write_adapter(out, aggregated, config, base_deltas, args.overwrite)
     dropped = {i for i, _ in getattr(aggregated, "dropped", ())}
     kept = [i for i in range(len(states)) if i not in dropped]
-    report = build_report(method=method, align=align, lam_used=lam_used, clients=states, kept=kept, weights=weights,
+    report = build_report(method=method, align=align, lam=lam, lam_used=lam_used, clients=states, kept=kept, weights=weights,
                           reference=ref_state, aggregated=aggregated, dirs=args.clients)
     report["out"] = str(out)
     report["base_deltas_file"] = "base_deltas.safetensors" if base_deltas else None

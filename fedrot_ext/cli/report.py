@@ -7,20 +7,23 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .._ops import procrustes_rotation
-from .._types import align_uses
+from .._types import align_uses, module_align
 from ..methods import get_method
 from ..metrics import state_dict_aggregation_error
 from ..peft.keys import parse_lora_keys
 
 
-def _rotation_angles(clients, reference, align: str, lam: float) -> List[float]:
+def _rotation_angles(clients, reference, align: str, lam: Dict[str, float]) -> List[float]:
     """Per (module, client): the largest rotation angle (degrees) of the client's rotation onto the reference,
-    the eigen-angles of R_i solved as the op does (M_i = A_i Āᵀ and/or B_iᵀ B̄). Modules whose client rank
-    differs from the reference's are left out (their rotation acts on the zero-padded factors)."""
-    use_A, use_B = align_uses(align)
+    the eigen-angles of R_i solved as the op does (M_i = A_i Āᵀ and/or B_iᵀ B̄, mirrored for embeddings, with
+    the module's λ). Modules whose client rank differs from the reference's are left out (their rotation
+    acts on the zero-padded factors), as are modules without a λ."""
     modules, _ = parse_lora_keys(reference.keys(), owner="reference")
     angles = []
     for m in modules:
+        if m.name not in lam:
+            continue
+        use_A, use_B = align_uses(module_align(align, m.embedding))
         ref_A, ref_B = reference[m.key_A].double(), reference[m.key_B].double()
         same = [c for c in clients if c[m.key_A].shape == ref_A.shape and c[m.key_B].shape == ref_B.shape]
         if not same:
@@ -30,7 +33,7 @@ def _rotation_angles(clients, reference, align: str, lam: float) -> List[float]:
             M += torch.stack([c[m.key_A].double() @ ref_A.T for c in same])
         if use_B:
             M += torch.stack([c[m.key_B].double().T @ ref_B for c in same])
-        R = procrustes_rotation(M, lam)
+        R = procrustes_rotation(M, lam[m.name])
         eig = torch.linalg.eigvals(R).angle().abs().amax(dim=-1)
         angles.extend(math.degrees(a) for a in eig.tolist())
     return angles
@@ -43,8 +46,10 @@ def _summary(values: Sequence[float]) -> Optional[Dict[str, float]]:
     return {"count": len(s), "mean": sum(s) / len(s), "median": s[len(s) // 2], "max": s[-1]}
 
 
-def build_report(*, method: str, align: Optional[str], lam_used, clients, kept, weights, reference, aggregated, dirs) -> dict:
-    """`kept`: indices of the clients that were aggregated (all minus the dropped ones)."""
+def build_report(*, method: str, align: Optional[str], lam, lam_used: Dict[str, float], clients, kept, weights, reference,
+                 aggregated, dirs) -> dict:
+    """`lam`: the setting (a float or "auto"); `lam_used`: {module: λ} as applied; `kept`: indices of
+    the clients that were aggregated (all minus the dropped ones)."""
     kept_states = [clients[i] for i in kept]
     kept_weights = None if weights is None else [weights[i] for i in kept]
     errors = {}
@@ -52,14 +57,15 @@ def build_report(*, method: str, align: Optional[str], lam_used, clients, kept, 
         errors = {name: {"absolute": a, "relative": r} for name, (a, r) in
                   state_dict_aggregation_error(kept_states, aggregated, weights=kept_weights).items()}
     angles = None
-    if align not in (None, "none") and reference is not None and isinstance(lam_used, float):
-        angles = _summary(_rotation_angles(kept_states, reference, align, lam_used))
+    if align not in (None, "none") and reference is not None:
+        angles = _summary(_rotation_angles(kept_states, reference, align, lam_used or {}))
     relative = [e["relative"] for e in errors.values()]
     return {
         "method": method,
         "clients": [str(d) for d in dirs],
         "align": align,
-        "lam": lam_used,
+        "lam": lam,
+        "lam_per_module": dict(lam_used),
         "aggregation_error": errors,
         "aggregation_error_relative_mean": sum(relative) / len(relative) if relative else None,
         "rotation_angles_deg": angles,

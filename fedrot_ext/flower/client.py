@@ -28,7 +28,8 @@ class RoundSettings:
     Attributes:
         method: the server's aggregation method (one of ``fedrot_ext.METHODS``).
         round: 0-based round index (Flower's ``server-round`` − 1).
-        lam: soft-rotation strength in [0, 1].
+        lam: soft-rotation strength in [0, 1], or "auto" (chosen per module by the server;
+            client-side alignment cannot use it).
         schedule: FedRot-LoRA schedule ("alternate", "A", "B", "AB", "none").
         initial: first factor of the schedule, or None for the method's default.
         allow_reflection: rotate over O(r) instead of SO(r).
@@ -36,10 +37,15 @@ class RoundSettings:
 
     method: str = "fedrot"
     round: int = 0
-    lam: float = 0.5
+    lam: Union[float, str] = 0.5
     schedule: str = "alternate"
     initial: Optional[str] = None
     allow_reflection: bool = False
+
+
+def _lam_setting(value):
+    """A float, or "auto" (the server chose λ per module; client-side alignment then refuses it)."""
+    return value if value == "auto" else float(value)
 
 
 def round_settings(config: Mapping) -> RoundSettings:
@@ -71,7 +77,7 @@ def round_settings(config: Mapping) -> RoundSettings:
     return RoundSettings(
         method=str(config.get(P.CONFIG_METHOD, defaults.method)),
         round=round_idx,
-        lam=float(config.get(P.CONFIG_LAM, defaults.lam)),
+        lam=_lam_setting(config.get(P.CONFIG_LAM, defaults.lam)),
         schedule=str(config.get(P.CONFIG_SCHEDULE, defaults.schedule)),
         initial=initial,
         allow_reflection=bool(config.get(P.CONFIG_ALLOW_REFLECTION, defaults.allow_reflection)),

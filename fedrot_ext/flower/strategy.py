@@ -21,7 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .._checks import check_lam
+from .._checks import check_lam_or_auto
 from ..methods import check_initial, get_method
 from ..metrics import state_dict_aggregation_error
 from ..peft.aggregate import AggregatedState, aggregate_state_dicts
@@ -80,7 +80,9 @@ class FedRotLoRA(FedAvg):
     Args:
         method: one of :data:`fedrot_ext.METHODS` ("fedrot", "fedit", "ffa", "rolora",
             "fedsa", "flexlora", "fedex", "flora").
-        lam: soft-rotation strength λ in [0, 1] (fedrot).
+        lam: soft-rotation strength λ in [0, 1] (fedrot), or "auto": chosen per module and
+            round from (0, 0.25, 0.5, 0.75, 1) by the smallest aggregation error (never worse than
+            FedIT); the round metrics then carry ``lam-mean``, ``lam-min`` and ``lam-max``.
         schedule: "alternate", "A", "B", "AB" or "none" (fedrot).
         initial: first factor of the schedule; None: "A" for fedrot, "B" for rolora.
         allow_reflection: rotate over O(r) instead of SO(r) (fedrot).
@@ -113,7 +115,7 @@ class FedRotLoRA(FedAvg):
         self,
         *,
         method: str = "fedrot",
-        lam: float = 0.5,
+        lam: Union[float, str] = 0.5,
         schedule: str = "alternate",
         initial: Optional[str] = None,
         allow_reflection: bool = False,
@@ -132,7 +134,7 @@ class FedRotLoRA(FedAvg):
         if self.spec.dense and lora_config is None:
             raise ValueError(f"lora_config: required for method {method!r} (it decides the base-weight update)")
         self.method = method
-        self.lam = check_lam(lam)
+        self.lam = check_lam_or_auto(lam)
         self.schedule = schedule
         self.initial = initial
         self.allow_reflection = bool(allow_reflection)
@@ -230,6 +232,9 @@ class FedRotLoRA(FedAvg):
         }
         if self.spec.factor_error:
             metrics.update(self._error_metrics("agg", states, aggregated, weights))
+        if self.lam == "auto" and aggregated.lam:
+            chosen = list(aggregated.lam.values())
+            metrics.update({"lam-mean": sum(chosen) / len(chosen), "lam-min": min(chosen), "lam-max": max(chosen)})
         if self.spec.aligns and self.report_fedit_error:
             fedit = aggregate_state_dicts(states, weights=weights, method="fedit")
             metrics.update(self._error_metrics("fedit", states, fedit, weights))

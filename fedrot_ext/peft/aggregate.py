@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .._checks import check_lam, normalized_weights, overflow_error
+from .._checks import check_lam_or_auto, normalized_weights, overflow_error
 from .._ops import accumulate_dtype, fused_align_aggregate
 from .._stacking import pad_rank
 from .._types import align_uses, module_align
@@ -41,21 +41,24 @@ class AggregatedState(dict):
             Apply with :func:`fedrot_ext.fold_into_base`.
         dropped: ``(client index, reason)`` of every client left out with ``on_invalid="skip"``
             (the index into ``client_states``; the reason names the key holding NaN/Inf).
+        lam: {module: λ} the soft-rotation strength each module used in an aligned round
+            (the chosen one with ``lam="auto"``); empty when nothing was aligned.
     """
 
-    def __init__(self, tensors=(), base_deltas: Optional[Dict[str, torch.Tensor]] = None, dropped: Tuple[Tuple[int, str], ...] = ()):
+    def __init__(self, tensors=(), base_deltas: Optional[Dict[str, torch.Tensor]] = None, dropped: Tuple[Tuple[int, str], ...] = (),
+                 lam: Optional[Dict[str, float]] = None):
         super().__init__(tensors)
         self.base_deltas = dict(base_deltas or {})
         self.dropped = tuple(dropped)
+        self.lam = dict(lam or {})
 
 
-def _per_dtype(A: Sequence[torch.Tensor], compute, modes: Optional[Sequence[str]] = None) -> list:
-    """Call ``compute(idx)`` once per group of modules sharing a dtype (and align mode, when
-    `modes` is given; usually one group: the fused op needs one dtype and one mode per call)
-    and put its per-module results back in module order."""
-    groups: Dict[tuple, List[int]] = {}
+def _per_dtype(A: Sequence[torch.Tensor], compute) -> list:
+    """Call ``compute(idx)`` once per group of modules sharing a dtype (usually one group: the
+    fused op needs one dtype per call) and put its per-module results back in module order."""
+    groups: Dict[torch.dtype, List[int]] = {}
     for m, a in enumerate(A):
-        groups.setdefault((a.dtype, modes[m] if modes else None), []).append(m)
+        groups.setdefault(a.dtype, []).append(m)
     out = [None] * len(A)
     for idx in groups.values():
         for m, result in zip(idx, compute(idx)):
@@ -72,27 +75,27 @@ def _on(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.to(device=like.device, dtype=accumulate_dtype(like.dtype))
 
 
-def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], lam: float, allow_reflection: bool):
-    """Rotate (per module's mode in `aligns`) and weighted-average every module: one unchecked
-    fused op call per (dtype, mode) group (the clients and the reference were validated once,
-    by collect_clients / collect_reference).
+def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], lam, allow_reflection: bool):
+    """Rotate (each module on its own mode in `aligns`) and weighted-average every module: one
+    unchecked fused op call per dtype (usually one; the clients and the reference were validated
+    once, by collect_clients / collect_reference). `lam`: a float or "auto".
 
-    Returns (new_A, new_B, statuses): the op's status flags, read once by the caller."""
+    Returns (new_A, new_B, statuses, lams): the op's status flags and the (1,) λ used per
+    module, as device tensors read once by the caller."""
     statuses = []
 
     def compute(idx):
-        align = aligns[idx[0]]
-        use_A, use_B = align_uses(align)
-        ref_A = [pad_rank(refs.A[m], A[m].shape[1], 0) for m in idx] if use_A else None
-        ref_B = [pad_rank(refs.B[m], A[m].shape[1], 1) for m in idx] if use_B else None
-        out_A, out_B, _, status = fused_align_aggregate(
-            _pick(A, idx), _pick(B, idx), ref_A, ref_B, _on(w, A[idx[0]]), align, lam, allow_reflection
+        modes = [aligns[m] for m in idx]
+        ref = lambda m, f: pad_rank((refs.A, refs.B)[f][m], A[m].shape[1], f) if align_uses(aligns[m])[f] else None  # noqa: E731
+        out_A, out_B, _, status, lam_t = fused_align_aggregate(
+            _pick(A, idx), _pick(B, idx), [ref(m, 0) for m in idx], [ref(m, 1) for m in idx], _on(w, A[idx[0]]),
+            modes, lam, allow_reflection,
         )
         statuses.append(status)
-        return zip(out_A, out_B)
+        return zip(out_A, out_B, lam_t.split(1))
 
-    new_A, new_B = (list(t) for t in zip(*_per_dtype(A, compute, aligns)))
-    return new_A, new_B, statuses
+    new_A, new_B, lams = (list(t) for t in zip(*_per_dtype(A, compute)))
+    return new_A, new_B, statuses, lams
 
 
 def _check_overflow(statuses, A) -> None:
@@ -158,7 +161,7 @@ def _frozen_copies(spec: Method, batch, A, B, round, frozen: str):
 def _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config,
                labels=None, policy: Policy = Policy()) -> AggregatedState:
     spec = get_method(method)
-    lam = check_lam(lam)
+    lam = check_lam_or_auto(lam)
     initial = check_initial(initial)
     align = alignment_for_round(round, schedule, initial) if spec.aligns else "none"
     frozen = spec.frozen_factor(round, initial)
@@ -181,15 +184,19 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     if policy.clip_norm is not None:
         clip_clients(A, B, policy.clip_norm, spec.clip_exponents(frozen))
 
-    statuses = []
+    statuses, lams = [], []
     if spec.output == "refactor":
         new_A, new_B = _flexlora(A, B, w)
     else:
-        new_A, new_B, statuses = _fused_average(A, B, refs, w, aligns, lam, allow_reflection)
+        new_A, new_B, statuses, lams = _fused_average(A, B, refs, w, aligns, lam, allow_reflection)
     if frozen:
         copies = _frozen_copies(spec, batch, A, B, round, frozen)
         new_A, new_B = (copies, new_B) if frozen == "A" else (new_A, copies)
     _check_overflow(statuses, A)
+    lam_used = {}
+    if align != "none" and lams:
+        values = torch.cat([t.cpu() for t in lams]).tolist() if lam == "auto" else [lam] * len(lams)
+        lam_used = dict(zip((m.name for m in batch.modules), values))
     if policy.noise_multiplier > 0:  # before fedex's residual, which is exact for the factors sent
         new_A, new_B = add_factor_noise(new_A, new_B, spec.noised_factors(frozen), policy, w)
     base_deltas = _dense_updates(spec, batch, A, B, new_A, new_B, w, lora_config, scalings) if spec.dense else {}
@@ -205,7 +212,7 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
         values[m.key_A] = a
         if b is not None:
             values[m.key_B] = b
-    return AggregatedState(((k, values[k]) for k in batch.states[0] if k in values), base_deltas, dropped)
+    return AggregatedState(((k, values[k]) for k in batch.states[0] if k in values), base_deltas, dropped, lam_used)
 
 
 def aggregate_state_dicts(
@@ -215,7 +222,7 @@ def aggregate_state_dicts(
     weights=None,
     method: str = "fedrot",
     round: Optional[int] = None,
-    lam: float = 0.5,
+    lam=0.5,
     schedule: str = "alternate",
     initial: Optional[str] = None,
     allow_reflection: bool = False,
@@ -257,7 +264,10 @@ def aggregate_state_dicts(
         round: 0-based round index. Required (ValueError when omitted) by ``fedrot`` with
             ``schedule="alternate"`` and by ``rolora``; with a fixed schedule, None aligns
             every call, as round >= 1 would.
-        lam: soft-rotation strength in [0, 1] (``fedrot``).
+        lam: soft-rotation strength in [0, 1] (``fedrot``), or "auto": per module and round, the
+            λ of (0, 0.25, 0.5, 0.75, 1) whose aggregate has the smallest aggregation error,
+            scored exactly from r×r Grams (see :func:`fedrot_ext.align_and_aggregate`); never
+            worse than FedIT on any module. The λ used is in ``AggregatedState.lam``.
         schedule: "alternate", "A", "B", "AB" or "none" (``fedrot``).
         initial: first factor of the schedule; None means "A" for fedrot, "B" for rolora.
         allow_reflection: rotate over O(r) instead of SO(r) (``fedrot``).
@@ -324,6 +334,9 @@ def align_state_dict(
         ValueError/TypeError naming ``client_state`` / ``reference`` and the key, as in
         :func:`aggregate_state_dicts`.
     """
+    if isinstance(lam, str):
+        raise ValueError(f"lam: expected a float in [0, 1] for client-side alignment, got {lam!r} (lam='auto' needs every "
+                         "client at once: aggregate on the server with aggregate_state_dicts(..., lam='auto'))")
     aligned = _aggregate(
         [client_state], reference, None, "fedrot", round, lam, schedule, initial, allow_reflection, None, labels=["client_state"]
     )

@@ -204,23 +204,17 @@ def test_bad_weights_and_lam_are_usage_errors(dirs, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_lam_auto_is_passed_through_and_the_chosen_lam_reported(dirs, tmp_path, monkeypatch):
-    import fedrot_ext.peft.aggregate as agg_module
-
-    seen = {}
-    real = agg_module.aggregate_state_dicts
-
-    def recording(states, **kwargs):
-        seen.update(kwargs)
-        result = real(states, **dict(kwargs, lam=0.25))
-        result.lam = 0.25  # what lam="auto" reports as AggregatedState.lam
-        return result
-
-    monkeypatch.setattr(agg_module, "aggregate_state_dicts", recording)
-    report = tmp_path / "r.json"
-    assert _run(dirs, tmp_path / "out", "--round", "1", "--lam", "auto", "--report", str(report)) == 0
-    assert seen["lam"] == "auto"
-    assert json.loads(report.read_text())["lam"] == 0.25
+def test_lam_auto_reports_the_lambda_chosen_per_module(dirs, tmp_path):
+    """--lam auto runs the library's lam="auto" for real: the written adapter equals aggregate_state_dicts
+    with lam="auto", and the report carries the setting and the λ each module used."""
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    assert _run(dirs, out, "--round", "1", "--lam", "auto", "--weights", "3,5,9", "--report", str(report)) == 0
+    expected = fedrot_ext.aggregate_state_dicts(dirs["saved"], reference=dirs["saved_ref"], weights=WEIGHTS, round=1,
+                                                lam="auto")
+    rep = json.loads(report.read_text())
+    assert rep["lam"] == "auto" and rep["lam_per_module"] == expected.lam and expected.lam
+    assert set(expected.lam.values()) <= set(fedrot_ext.DEFAULT_LAM_GRID)
+    assert_same_state(load_file(str(out / "adapter_model.safetensors")), dict(expected))
 
 
 def test_merge_uses_merge_adapters_without_a_reference(dirs, tmp_path):

@@ -59,6 +59,13 @@ CASES = {
     "lam above 1": (edit(lam=lambda k: 1.5), ValueError, r"lam: expected a value in \[0, 1\]"),
     "lam NaN": (edit(lam=lambda k: math.nan), ValueError, r"lam: expected a value in \[0, 1\]"),
     "lam not a number": (edit(lam=lambda k: "half"), TypeError, r"lam: expected a float"),
+    "lam per layer: wrong count": (edit(lam=lambda k: [0.5]), ValueError, r"lam: expected 2 values \(one per layer\), got 1"),
+    "lam per layer: out of range": (edit(lam=lambda k: [0.5, 1.5]), ValueError, r"lam\[1\]: expected a value in \[0, 1\]"),
+    "lam_grid without 0": (edit(lam=lambda k: "auto", lam_grid=lambda k: (0.5, 1.0)), ValueError, r"lam_grid: expected 0.0 among"),
+    "lam_grid empty": (edit(lam=lambda k: "auto", lam_grid=lambda k: ()), ValueError, r"lam_grid: expected a non-empty"),
+    "align per layer: wrong count": (edit(align=lambda k: ["A"]), ValueError, r"align: expected 2 modes \(one per layer\), got 1"),
+    "align per layer: bad mode": (edit(align=lambda k: ["A", "C"]), ValueError, r"align\[1\]: expected one of"),
+    "ref_A entry missing for a layer that aligns on A": (edit(align=lambda k: ["B", "A"], ref_A=lambda k: [k["ref_A"][0], None]), ValueError, r"ref_A\[1\]: required when align\[1\]='A'"),
     "unknown align": (edit(align=lambda k: "C"), ValueError, r"align: expected one of"),
     "mixed dtypes": (edit(B=lambda k: [k["B"][0].double(), k["B"][1]]), TypeError, r"B\[0\]: expected dtype torch.float32"),
     "mixed ref dtype": (edit(ref_B=lambda k: [k["ref_B"][0].half(), k["ref_B"][1]]), TypeError, r"ref_B\[0\]: expected dtype"),
@@ -120,9 +127,12 @@ def test_procrustes_rotation_bad_lambda(device):
     "mutate, pattern",
     [
         (lambda a: a.update(B=[a["B"][0][:, :, :2]]), r"B\[0\]: expected shape"),
-        (lambda a: a.update(ref_A=[]), r"ref_A: expected 1 tensors for align=1"),
-        (lambda a: a.update(align=7), r"align: expected 0 \(none\), 1 \(A\), 2 \(B\) or 3 \(AB\)"),
-        (lambda a: a.update(lam=3.0), r"lam: expected a value in \[0, 1\]"),
+        (lambda a: a.update(ref_A=[]), r"ref_A\[0\]: expected a tensor of shape \[4, 21\] for align\[0\]=1, got None"),
+        (lambda a: a.update(ref_A=[None, None]), r"ref_A: expected 1 entries"),
+        (lambda a: a.update(align=[7]), r"align\[0\]: expected 0 \(none\), 1 \(A\), 2 \(B\) or 3 \(AB\)"),
+        (lambda a: a.update(align=[1, 1]), r"align: expected 1 modes \(one per layer\), got 2"),
+        (lambda a: a.update(lam=torch.full((2,), 0.5)), r"lam: expected shape \(1\)"),
+        (lambda a: a.update(lam=torch.full((1,), 0.5, dtype=torch.float64)), r"lam: expected dtype Float"),
         (lambda a: a.update(weights=torch.ones(2)), r"weights: expected shape \(4\)"),
         (lambda a: a.update(weights=torch.ones(4, dtype=torch.float64)), r"weights: expected dtype Float"),
         (lambda a: a.update(A=[]), r"A: expected a non-empty list"),
@@ -130,9 +140,10 @@ def test_procrustes_rotation_bad_lambda(device):
 )
 def test_direct_op_calls_are_checked_in_cpp(mutate, pattern, device):
     p = make_problem([(4, 21, 19)], n_clients=4, seed=1).to(device)
-    args = dict(A=p.A, B=p.B, ref_A=p.ref_A, ref_B=[], weights=torch.full((4,), 0.25), align=1, lam=0.5)
+    args = dict(A=p.A, B=p.B, ref_A=p.ref_A, ref_B=[], weights=torch.full((4,), 0.25), align=[1], lam=torch.full((1,), 0.5))
     mutate(args)
-    args["weights"] = args["weights"].to(device)  # the raw op takes normalised weights on the factors' device
+    for key in ("weights", "lam"):  # the raw op takes normalised weights and λ on the factors' device
+        args[key] = args[key].to(device)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
         torch.ops.fedrot_ext.align_and_aggregate(args["A"], args["B"], args["ref_A"], args["ref_B"], args["weights"],
                                                  args["align"], args["lam"], False)
