@@ -208,3 +208,22 @@ def test_noise_reaches_the_global_adapter(kind, dtype_name):
     if kind.endswith("fixed"):
         std = float(diff.std())
         assert 0.8 * 0.5 / 3 < std < 1.2 * 0.5 / 3, std
+
+
+# ----------------------------------------------------------------------------- Ray simulation
+@pytest.mark.slow
+def test_ray_simulation_server_side_fixed_clipping_bf16(tmp_path):
+    """The issue's run: DifferentialPrivacyServerSideFixedClipping(FedRotLoRA(), noise 0.5, clip 1.0),
+    3 clients, a bf16 tiny BERT, 2 rounds in a Ray simulation (it crashed in round 1 with the
+    compact codec as the only format)."""
+    from test_flower import _simulate
+
+    wrap = lambda s: DifferentialPrivacyServerSideFixedClipping(s, 0.5, 1.0, 3)  # noqa: E731
+    strategy, result, initial, seconds = _simulate(tmp_path, 2, {}, wrap=wrap)
+    assert [len(h.accepted) for h in strategy.history] == [3, 3], strategy.history
+    assert not any(h.rejected or h.failed for h in strategy.history)
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    final = arrayrecord_to_state_dict(result.arrays, like=initial)  # the wrapper's noisy float32, cast back
+    assert all(final[k].dtype == torch.bfloat16 and torch.isfinite(final[k]).all() for k in initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in _lora_keys(initial))
+    print(f"\nRay simulation, server-side fixed clipping, bf16, 3 clients x 2 rounds: {seconds:.1f} s")
