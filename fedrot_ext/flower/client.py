@@ -2,8 +2,8 @@
 
 Client-side placement (secure aggregation): each client rotates its own trained
 adapter onto the global adapter it started from (:func:`align_for_upload`), and the
-server only averages (Flower's stock ``FedAvg`` for float32/float16 adapters, or
-``FedRotLoRA(method="fedit")`` for any dtype). The server never needs an individual
+server only averages (``FedRotLoRA(method="fedit")``, or Flower's stock ``FedAvg``, which reads the
+default ``"numpy"`` wire format but returns bf16/fp16 adapters as float32). The server never needs an individual
 update, and the result equals server-side ``FedRotLoRA(method="fedrot")`` to rounding.
 """
 from __future__ import annotations
@@ -79,7 +79,11 @@ def round_settings(config: Mapping) -> RoundSettings:
 
 
 def read_global(
-    msg: Message, *, arrayrecord_key: str = "arrays", device: Optional[Union[str, torch.device]] = None
+    msg: Message,
+    *,
+    arrayrecord_key: str = "arrays",
+    device: Optional[Union[str, torch.device]] = None,
+    like: Optional[Mapping[str, Union[torch.Tensor, torch.dtype]]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Decode the global adapter (and fedex/flora base-weight updates) from a server message.
 
@@ -87,6 +91,8 @@ def read_global(
         msg: the train or evaluate ``Message`` the ClientApp received.
         arrayrecord_key: the strategy's ``arrayrecord_key``.
         device: where to put the tensors (default: CPU).
+        like: this client's adapter (or {key: dtype}): plain float32 arrays (from stock Flower code,
+            e.g. ``FedAvg`` or a privacy wrapper's output) come back in its bf16/fp16 dtypes.
 
     Returns:
         (adapter, base_deltas): the global adapter state dict (load it with peft's
@@ -101,7 +107,7 @@ def read_global(
     content = msg.content
     if arrayrecord_key not in content.array_records:
         raise KeyError(f"message: no ArrayRecord under {arrayrecord_key!r} (has {sorted(content.array_records)})")
-    adapter = arrayrecord_to_state_dict(content.array_records[arrayrecord_key], device=device)
+    adapter = arrayrecord_to_state_dict(content.array_records[arrayrecord_key], device=device, like=like)
     deltas = {}
     if P.BASE_DELTAS_KEY in content.array_records:
         deltas = arrayrecord_to_state_dict(content.array_records[P.BASE_DELTAS_KEY], device=device)

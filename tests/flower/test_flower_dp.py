@@ -27,7 +27,14 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 
 import fedrot_ext  # noqa: E402
-from fedrot_ext.flower import RAW_STYPE, FedRotLoRA, arrayrecord_to_state_dict, make_train_reply, state_dict_to_arrayrecord  # noqa: E402
+from fedrot_ext.flower import (  # noqa: E402
+    RAW_STYPE,
+    FedRotLoRA,
+    arrayrecord_to_state_dict,
+    make_train_reply,
+    read_global,
+    state_dict_to_arrayrecord,
+)
 from flower_dp_app import run_in_process  # noqa: E402
 from helpers.peft_models import tiny_bert  # noqa: E402
 
@@ -115,6 +122,10 @@ def test_float32_rewritten_by_flower_comes_back_in_the_adapters_dtype():
     assert back["steps"].dtype == torch.int64  # only 16-bit floats are cast back
     with pytest.raises(TypeError, match="like: expected a mapping"):
         arrayrecord_to_state_dict(flower_view, like=[torch.bfloat16])
+    from test_flower import _instruction
+
+    msg = _instruction(RecordDict({"arrays": flower_view, "config": ConfigRecord({"server-round": 1})}), node=5)
+    assert read_global(msg, like=state)[0]["w"].dtype == torch.bfloat16  # the ClientApp side of the same
 
 
 def test_unknown_wire_format_is_refused_naming_the_argument():
