@@ -12,7 +12,10 @@ Wire format: by default (``wire_format="numpy"``) every array is NumPy-readable,
 Flower's privacy wrappers (``DifferentialPrivacyServerSide*Clipping``,
 ``DifferentialPrivacyClientSide*Clipping``) can wrap the strategy; they hand back plain
 float32 arrays, which the strategy casts back to the adapter's dtypes (remembered from the
-first global adapter it sends). ``wire_format="compact"`` (raw bf16) refuses to be wrapped.
+first global adapter it sends). A server-side wrapper measures each update from its own
+float32 copy of the noised global, which differs from the bf16 global the clients trained
+from by at most half a bf16 ulp per value. ``wire_format="compact"`` (raw bf16) refuses to
+be wrapped.
 """
 from __future__ import annotations
 
@@ -170,8 +173,8 @@ class FedRotLoRA(FedAvg):
         super().summary()
         log(
             INFO,
-            "\t└──> fedrot_ext: method=%s, lam=%s, schedule=%s, initial=%s, device=%s",
-            self.method, self.lam, self.schedule, self.initial or "default", self.device,
+            "\t└──> fedrot_ext: method=%s, lam=%s, schedule=%s, initial=%s, device=%s, wire_format=%s",
+            self.method, self.lam, self.schedule, self.initial or "default", self.device, self.wire_format,
         )
 
     def _add_settings(self, config: ConfigRecord, server_round: int) -> None:
