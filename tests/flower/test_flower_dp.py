@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; the sandbox has no network
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod  # noqa: E402
+from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod  # noqa: E402
 from flwr.serverapp.strategy import (  # noqa: E402
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -219,6 +219,29 @@ def test_noise_reaches_the_global_adapter(kind, dtype_name):
     if kind.endswith("fixed"):
         std = float(diff.std())
         assert 0.8 * 0.5 / 3 < std < 1.2 * 0.5 / 3, std
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_local_dp_mod_clips_and_noises_each_upload(dtype_name):
+    """Flower's LocalDpMod (local DP: clip, then Gaussian noise on the client) under a plain FedRotLoRA:
+    with sensitivity 0 every upload is within the clip norm; with noise, its distance to the global
+    is that of the noise (std σ per value)."""
+    dtype = DTYPES[dtype_name]
+    epsilon, delta, sensitivity = 1.0, 1e-5, 0.01
+    sigma = sensitivity * np.sqrt(2 * np.log(1.25 / delta)) / epsilon  # Flower's formula
+    for noisy in (False, True):
+        mod = LocalDpMod(CLIP, sensitivity if noisy else 0.0, epsilon, delta)
+        strategy, _, _, grid, trained, initial = run_in_process(dtype, lambda s: s, [mod], num_rounds=1)
+        assert len(strategy.history[0].accepted) == 3, strategy.history
+        values = sum(t.numel() for t in initial.values())
+        for msg, reply in zip(grid.sent[1], grid.received[1]):
+            distance = _flower_norm(reply.content["arrays"], msg.content["arrays"])
+            if noisy:
+                assert 0.8 < distance / (sigma * np.sqrt(values)) < 1.2, distance
+            else:
+                assert distance <= CLIP * (1 + FP32_SLACK)
+                own = trained[(1, reply.metadata.src_node_id)]
+                assert _torch_norm(own, arrayrecord_to_state_dict(msg.content["arrays"]), _lora_keys(own)) > CLIP
 
 
 # ----------------------------------------------------------------------------- Ray simulation
