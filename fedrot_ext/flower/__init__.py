@@ -8,7 +8,8 @@
   secure-aggregation deployments: align before upload, plain FedAvg on the server),
   :func:`make_train_reply`, :func:`round_settings`.
 - :func:`state_dict_to_arrayrecord` / :func:`arrayrecord_to_state_dict`: lossless transport
-  of torch state dicts, bfloat16 included (NumPy has no bfloat16).
+  of torch state dicts, bfloat16 included (NumPy has no bfloat16), in the NumPy-readable
+  ``"numpy"`` wire format (default) or the raw-bf16 ``"compact"`` one (:data:`WIRE_FORMATS`).
 
 ``import fedrot_ext`` never imports this package; importing it needs Flower
 (``pip install "fedrot_ext[flower]"``).
@@ -22,7 +23,7 @@ except ImportError as err:  # pragma: no cover - exercised only without flwr ins
     ) from err
 
 from .client import RoundSettings, align_for_upload, make_train_reply, read_global, round_settings
-from .codec import RAW_STYPE, arrayrecord_to_state_dict, state_dict_to_arrayrecord
+from .codec import RAW_STYPE, WIRE_FORMATS, arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from .strategy import BASE_DELTAS_KEY, FedRotLoRA, RoundSummary
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "FedRotLoRA",
     "RoundSettings",
     "RoundSummary",
+    "WIRE_FORMATS",
     "align_for_upload",
     "arrayrecord_to_state_dict",
     "make_train_reply",

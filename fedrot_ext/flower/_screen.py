@@ -97,6 +97,7 @@ def screen_reply(
         ValueError with the reason (no key of the round is trusted before this passes).
     """
     weight = reply_weight(content, weighted_by_key)
-    state = arrayrecord_to_state_dict(reply_arrays(content, arrayrecord_key), device=device)
+    # like=: a Flower privacy wrapper or mod hands back plain float32 for a bf16/fp16 adapter
+    state = arrayrecord_to_state_dict(reply_arrays(content, arrayrecord_key), device=device, like=reference)
     check_state(state, reference, frozen_keys)
     return state, weight

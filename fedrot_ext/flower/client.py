@@ -2,8 +2,8 @@
 
 Client-side placement (secure aggregation): each client rotates its own trained
 adapter onto the global adapter it started from (:func:`align_for_upload`), and the
-server only averages (Flower's stock ``FedAvg`` for float32/float16 adapters, or
-``FedRotLoRA(method="fedit")`` for any dtype). The server never needs an individual
+server only averages (``FedRotLoRA(method="fedit")``, or Flower's stock ``FedAvg``, which reads the
+default ``"numpy"`` wire format but returns bf16/fp16 adapters as float32). The server never needs an individual
 update, and the result equals server-side ``FedRotLoRA(method="fedrot")`` to rounding.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from ..peft.aggregate import align_state_dict
 from . import _protocol as P
-from .codec import arrayrecord_to_state_dict, state_dict_to_arrayrecord
+from .codec import arrayrecord_to_state_dict, check_wire_format, state_dict_to_arrayrecord
 
 __all__ = ["RoundSettings", "round_settings", "read_global", "align_for_upload", "make_train_reply"]
 
@@ -85,7 +85,11 @@ def round_settings(config: Mapping) -> RoundSettings:
 
 
 def read_global(
-    msg: Message, *, arrayrecord_key: str = "arrays", device: Optional[Union[str, torch.device]] = None
+    msg: Message,
+    *,
+    arrayrecord_key: str = "arrays",
+    device: Optional[Union[str, torch.device]] = None,
+    like: Optional[Mapping[str, Union[torch.Tensor, torch.dtype]]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Decode the global adapter (and fedex/flora base-weight updates) from a server message.
 
@@ -93,6 +97,8 @@ def read_global(
         msg: the train or evaluate ``Message`` the ClientApp received.
         arrayrecord_key: the strategy's ``arrayrecord_key``.
         device: where to put the tensors (default: CPU).
+        like: this client's adapter (or {key: dtype}): plain float32 arrays (from stock Flower code,
+            e.g. ``FedAvg`` or a privacy wrapper's output) come back in its bf16/fp16 dtypes.
 
     Returns:
         (adapter, base_deltas): the global adapter state dict (load it with peft's
@@ -107,7 +113,7 @@ def read_global(
     content = msg.content
     if arrayrecord_key not in content.array_records:
         raise KeyError(f"message: no ArrayRecord under {arrayrecord_key!r} (has {sorted(content.array_records)})")
-    adapter = arrayrecord_to_state_dict(content.array_records[arrayrecord_key], device=device)
+    adapter = arrayrecord_to_state_dict(content.array_records[arrayrecord_key], device=device, like=like)
     deltas = {}
     if P.BASE_DELTAS_KEY in content.array_records:
         deltas = arrayrecord_to_state_dict(content.array_records[P.BASE_DELTAS_KEY], device=device)
@@ -159,6 +165,7 @@ def make_train_reply(
     arrayrecord_key: str = "arrays",
     metricrecord_key: str = "metrics",
     weighted_by_key: str = "num-examples",
+    wire_format: Optional[str] = None,
 ) -> Message:
     """Build the reply to a train message: the adapter (any dtype, bf16 included) and its weight.
 
@@ -169,17 +176,30 @@ def make_train_reply(
         num_examples: training examples processed this round (the aggregation weight, > 0).
         metrics: extra scalar metrics (e.g. ``{"train-loss": 0.4}``).
         arrayrecord_key, metricrecord_key, weighted_by_key: record names the strategy expects.
+        wire_format: ``"numpy"`` or ``"compact"`` (see :mod:`fedrot_ext.flower.codec`); None: the
+            format the server announced in the config (``fedrot-wire-format``), else ``"numpy"``.
 
     Returns:
         The reply ``Message``.
 
     Raises:
-        ValueError: ``num_examples`` is not a positive int.
+        ValueError: ``num_examples`` is not a positive int; an unknown ``wire_format``; or
+            ``"compact"`` while the server's config carries Flower's ``clipping_norm`` (a client-side
+            privacy mod such as ``fixedclipping_mod`` would then fail to read the reply as NumPy).
         TypeError: a tensor cannot be encoded (see :func:`state_dict_to_arrayrecord`).
     """
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
         raise ValueError(f"num_examples: expected a positive int, got {num_examples!r}")
+    config = msg.content.config_records.get("config", {}) if msg.has_content() else {}
+    if wire_format is None:
+        wire_format = str(config.get(P.CONFIG_WIRE_FORMAT, "numpy"))
+    check_wire_format(wire_format)
+    if wire_format == "compact" and P.FLOWER_CLIPPING_NORM in config:
+        raise ValueError(
+            f"wire_format: 'compact' bfloat16 arrays cannot be read by Flower's client-side clipping mods "
+            f"(the config carries {P.FLOWER_CLIPPING_NORM!r}); use wire_format='numpy'"
+        )
     record = MetricRecord({**dict(metrics or {}), weighted_by_key: num_examples})
-    content = RecordDict({arrayrecord_key: state_dict_to_arrayrecord(state), metricrecord_key: record})
+    content = RecordDict({arrayrecord_key: state_dict_to_arrayrecord(state, wire_format=wire_format), metricrecord_key: record})
     return Message(content, reply_to=msg)
 

@@ -1,12 +1,23 @@
 """Lossless transport of torch state dicts in Flower ``ArrayRecord``s, bfloat16 included.
 
 Flower serialises every ``Array`` through NumPy (``np.save``), and NumPy has no
-bfloat16: ``ArrayRecord(state_dict)`` fails on a bf16 adapter, and casting to float32
-doubles the upload. Here a bf16 tensor travels as its raw 16-bit patterns in
-little-endian order, in an ``Array`` whose ``stype`` is :data:`RAW_STYPE` and whose
-``dtype`` is ``"bfloat16"``; decoding reinterprets the bits, so the round trip is
-bit-exact. Every other dtype uses Flower's own NumPy encoding unchanged, so float32 /
-float16 records stay readable by stock Flower strategies.
+bfloat16: ``ArrayRecord(state_dict)`` fails on a bf16 adapter. Two wire formats
+(:data:`WIRE_FORMATS`):
+
+- ``"numpy"`` (the default): every array is a NumPy ``Array`` that stock Flower code
+  (``ArrayRecord.to_numpy_ndarrays()``, the differential-privacy wrappers and mods)
+  can read. bfloat16 and float16 tensors travel as their float32 upcast (exact) with the
+  ``Array``'s ``dtype`` field naming the adapter's dtype; decoding casts them back, so
+  the round trip is bit-exact for every finite value. Why float16 too: Flower's clipping
+  squares and sums the values, which overflows float16 (max 65504).
+- ``"compact"`` (opt-in): a bf16 tensor travels as its raw 16-bit patterns in
+  little-endian order, in an ``Array`` whose ``stype`` is :data:`RAW_STYPE`; half the
+  bytes of ``"numpy"``, but no NumPy code can read it. float16 uses NumPy's float16.
+
+Every other dtype uses Flower's own NumPy encoding unchanged in both formats.
+A Flower wrapper or mod that rewrites an array returns plain float32; pass ``like=``
+(the adapter, or {key: dtype}) to :func:`arrayrecord_to_state_dict` to get the
+adapter's dtypes back.
 
 Decoding checks what Flower does not: that the bytes match the declared dtype and
 shape. A reply that lies about them raises ``ValueError`` naming the key.
@@ -21,18 +32,32 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
-__all__ = ["RAW_STYPE", "state_dict_to_arrayrecord", "arrayrecord_to_state_dict"]
+__all__ = ["RAW_STYPE", "WIRE_FORMATS", "check_wire_format", "state_dict_to_arrayrecord", "arrayrecord_to_state_dict"]
 
+WIRE_FORMATS = ("numpy", "compact")
+# 16-bit floats that the "numpy" format widens to float32 (exact), named in the Array's dtype field
+_WIDENED = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_WIDENED_BY_TORCH = {torch_dtype: name for name, torch_dtype in _WIDENED.items()}
 RAW_STYPE = "fedrot_ext.raw-le"
 # dtypes NumPy cannot hold -> the integer type of the same width that carries their bits
 _RAW_DTYPES = {"bfloat16": (torch.bfloat16, torch.int16, "<i2")}
 _RAW_BY_TORCH = {torch_dtype: (name, bits, wire) for name, (torch_dtype, bits, wire) in _RAW_DTYPES.items()}
 
 
-def _encode(key: str, tensor: torch.Tensor) -> Array:
+def check_wire_format(wire_format: str, argument: str = "wire_format") -> str:
+    """Return ``wire_format`` if it is one of :data:`WIRE_FORMATS`, else raise ValueError naming ``argument``."""
+    if wire_format not in WIRE_FORMATS:
+        raise ValueError(f"{argument}: expected one of {WIRE_FORMATS}, got {wire_format!r}")
+    return wire_format
+
+
+def _encode(key: str, tensor: torch.Tensor, wire_format: str) -> Array:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"state[{key!r}]: expected a torch.Tensor, got {type(tensor).__name__}")
     t = tensor.detach().to("cpu").contiguous()
+    if wire_format == "numpy" and t.dtype in _WIDENED_BY_TORCH:
+        wide = Array.from_numpy_ndarray(t.float().numpy())
+        return Array(dtype=_WIDENED_BY_TORCH[t.dtype], shape=wide.shape, stype=wide.stype, data=wide.data)
     if t.dtype in _RAW_BY_TORCH:
         name, bits, wire = _RAW_BY_TORCH[t.dtype]
         data = t.view(bits).numpy().astype(wire, copy=False).tobytes()
@@ -61,7 +86,8 @@ def _decode_numpy(key: str, array: Array) -> torch.Tensor:
         values = array.numpy()
     except Exception as err:  # np.load raises several error types for corrupt payloads
         raise ValueError(f"{key!r}: not a valid NumPy payload ({type(err).__name__}: {err})") from None
-    if tuple(values.shape) != tuple(array.shape) or str(values.dtype) != array.dtype:
+    widened = array.dtype in _WIDENED and values.dtype == np.float32
+    if tuple(values.shape) != tuple(array.shape) or (str(values.dtype) != array.dtype and not widened):
         raise ValueError(
             f"{key!r}: declared dtype {array.dtype} and shape {tuple(array.shape)}, but the payload holds "
             f"{values.dtype} of shape {tuple(values.shape)}"
@@ -69,54 +95,74 @@ def _decode_numpy(key: str, array: Array) -> torch.Tensor:
     if not values.dtype.isnative:
         values = values.astype(values.dtype.newbyteorder("="))
     try:
-        return torch.from_numpy(np.ascontiguousarray(values))
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
     except TypeError as err:
         raise ValueError(f"{key!r}: dtype {values.dtype} cannot become a torch tensor ({err})") from None
+    return tensor.to(_WIDENED[array.dtype]) if widened else tensor
 
 
-def state_dict_to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+def _like_dtypes(like) -> Dict[str, torch.dtype]:
+    if like is None:
+        return {}
+    if not isinstance(like, Mapping):
+        raise TypeError(f"like: expected a mapping of str to torch.Tensor or torch.dtype, got {type(like).__name__}")
+    return {k: v.dtype if isinstance(v, torch.Tensor) else v for k, v in like.items()}
+
+
+def state_dict_to_arrayrecord(state: Mapping[str, torch.Tensor], *, wire_format: str = "numpy") -> ArrayRecord:
     """Encode a torch state dict as a Flower ``ArrayRecord``, keeping every dtype.
 
     Args:
         state: {name: tensor}; tensors may live on any device (they are copied to the CPU).
+        wire_format: ``"numpy"`` (default: readable by every Flower strategy, wrapper and mod;
+            bfloat16/float16 travel as their exact float32 upcast) or ``"compact"`` (bfloat16 as
+            raw 16-bit patterns under :data:`RAW_STYPE`: half the bytes, unreadable by NumPy code).
 
     Returns:
-        An ``ArrayRecord`` with the same keys in the same order. bfloat16 tensors use
-        :data:`RAW_STYPE`; every other dtype uses Flower's NumPy encoding.
+        An ``ArrayRecord`` with the same keys in the same order.
 
     Raises:
+        ValueError: an unknown ``wire_format``.
         TypeError: a value is not a tensor, a key is not a str, or a dtype can be encoded neither way.
     """
+    check_wire_format(wire_format)
     if not isinstance(state, Mapping):
         raise TypeError(f"state: expected a mapping of str to torch.Tensor, got {type(state).__name__}")
     record = ArrayRecord()
     for key, tensor in state.items():
         if not isinstance(key, str):
             raise TypeError(f"state: expected str keys, got {key!r}")
-        record[key] = _encode(key, tensor)
+        record[key] = _encode(key, tensor, wire_format)
     return record
 
 
 def arrayrecord_to_state_dict(
-    record: ArrayRecord, *, device: Optional[Union[str, torch.device]] = None
+    record: ArrayRecord,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    like: Optional[Mapping[str, Union[torch.Tensor, torch.dtype]]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Decode an ``ArrayRecord`` (from :func:`state_dict_to_arrayrecord` or stock Flower) into tensors.
 
     Args:
-        record: the ``ArrayRecord``.
+        record: the ``ArrayRecord``, in either wire format.
         device: where to put the tensors; None keeps them on the CPU.
+        like: the adapter (or {key: dtype}) the record stands for: a plain float32 array whose
+            key is bfloat16/float16 in ``like`` is cast back to that dtype (Flower's privacy
+            wrappers and mods rewrite arrays as float32). Other dtypes are never changed.
 
     Returns:
         {name: tensor} in the record's key order, with the dtypes that were encoded
         (bfloat16 comes back as bfloat16, bit for bit).
 
     Raises:
-        TypeError: ``record`` is not an ``ArrayRecord``.
+        TypeError: ``record`` is not an ``ArrayRecord`` or ``like`` is not a mapping.
         ValueError naming the key: an unknown serialisation type, a corrupt payload, or
             bytes that do not match the declared dtype and shape.
     """
     if not isinstance(record, ArrayRecord):
         raise TypeError(f"record: expected a flwr.app.ArrayRecord, got {type(record).__name__}")
+    dtypes = _like_dtypes(like)
     state = {}
     for key, array in record.items():
         if array.stype == RAW_STYPE:
@@ -125,5 +171,7 @@ def arrayrecord_to_state_dict(
             tensor = _decode_numpy(key, array)
         else:
             raise ValueError(f"{key!r}: unknown serialisation type {array.stype!r} (expected {SType.NUMPY!r} or {RAW_STYPE!r})")
+        if tensor.dtype == torch.float32 and dtypes.get(key) in _WIDENED_BY_TORCH:
+            tensor = tensor.to(dtypes[key])
         state[key] = tensor if device is None else tensor.to(device)
     return state

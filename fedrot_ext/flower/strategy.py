@@ -7,9 +7,19 @@ unchanged for ``ffa``/``rolora``), drops a bad reply with a WARNING log line tha
 the node and the reason, and aggregates the rest with
 :func:`fedrot_ext.aggregate_state_dicts` weighted by ``num-examples``. Non-LoRA tensors
 (classifier head, modules_to_save) are weighted-averaged by the same call.
+
+Wire format: by default (``wire_format="numpy"``) every array is NumPy-readable, so
+Flower's privacy wrappers (``DifferentialPrivacyServerSide*Clipping``,
+``DifferentialPrivacyClientSide*Clipping``) can wrap the strategy; they hand back plain
+float32 arrays, which the strategy casts back to the adapter's dtypes (remembered from the
+first global adapter it sends). A server-side wrapper measures each update from its own
+float32 copy of the noised global, which differs from the bf16 global the clients trained
+from by at most half a bf16 ulp per value. ``wire_format="compact"`` (raw bf16) refuses to
+be wrapped.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -19,7 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from .._checks import check_lam_or_auto
 from ..methods import check_initial, get_method
@@ -30,7 +40,7 @@ from ..schedule import SCHEDULES
 from ..server_opt import ServerOptimizer
 from . import _protocol as P
 from ._screen import screen_reply
-from .codec import arrayrecord_to_state_dict, state_dict_to_arrayrecord
+from .codec import RAW_STYPE, arrayrecord_to_state_dict, check_wire_format, state_dict_to_arrayrecord
 
 __all__ = ["FedRotLoRA", "RoundSummary", "BASE_DELTAS_KEY"]
 
@@ -97,6 +107,10 @@ class FedRotLoRA(FedAvg):
         server_optimizer: a :class:`fedrot_ext.ServerOptimizer` (FedAvgM / FedAdam / FedYogi /
             FedAdagrad) stepping the global adapter along aggregate − previous global every round;
             None: the aggregate is the new global (FedAvg). Checkpoint it with its ``state_dict()``.
+        wire_format: how adapters travel (see :mod:`fedrot_ext.flower.codec`): ``"numpy"`` (default;
+            bf16/fp16 as their exact float32 upcast, readable by Flower's privacy wrappers and mods)
+            or ``"compact"`` (bf16 as raw 16-bit patterns: half the bytes, but any Flower code that
+            reads arrays as NumPy fails on it, so a wrapping strategy raises ValueError).
         **fedavg_kwargs: passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
             ``min_train_nodes``, ``weighted_by_key``, ``arrayrecord_key``, ...).
 
@@ -108,7 +122,7 @@ class FedRotLoRA(FedAvg):
     Raises:
         ValueError: unknown method or schedule, λ outside [0, 1], a bad ``initial``, or a
             missing ``lora_config`` for fedex/flora, or ``aggregate_options`` naming an
-            argument the strategy sets itself.
+            argument the strategy sets itself, or an unknown ``wire_format``.
     """
 
     def __init__(
@@ -124,6 +138,7 @@ class FedRotLoRA(FedAvg):
         aggregate_options: Optional[Mapping[str, Any]] = None,
         report_fedit_error: bool = False,
         server_optimizer: Optional[ServerOptimizer] = None,
+        wire_format: str = "numpy",
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -148,6 +163,8 @@ class FedRotLoRA(FedAvg):
         if server_optimizer is not None and not isinstance(server_optimizer, ServerOptimizer):
             raise TypeError(f"server_optimizer: expected a fedrot_ext.ServerOptimizer or None, got {type(server_optimizer).__name__}")
         self.server_optimizer = server_optimizer
+        self.wire_format = check_wire_format(wire_format)
+        self._dtypes: Optional[Dict[str, torch.dtype]] = None  # the adapter's, from the first global sent
         self.history: List[RoundSummary] = []
         self.base_deltas: Dict[str, torch.Tensor] = {}
         self._sent: Optional[Tuple[int, ArrayRecord]] = None
@@ -158,8 +175,8 @@ class FedRotLoRA(FedAvg):
         super().summary()
         log(
             INFO,
-            "\t└──> fedrot_ext: method=%s, lam=%s, schedule=%s, initial=%s, device=%s",
-            self.method, self.lam, self.schedule, self.initial or "default", self.device,
+            "\t└──> fedrot_ext: method=%s, lam=%s, schedule=%s, initial=%s, device=%s, wire_format=%s",
+            self.method, self.lam, self.schedule, self.initial or "default", self.device, self.wire_format,
         )
 
     def _add_settings(self, config: ConfigRecord, server_round: int) -> None:
@@ -169,17 +186,46 @@ class FedRotLoRA(FedAvg):
         config[P.CONFIG_SCHEDULE] = self.schedule
         config[P.CONFIG_INITIAL] = self.initial or ""
         config[P.CONFIG_ALLOW_REFLECTION] = self.allow_reflection
+        config[P.CONFIG_WIRE_FORMAT] = self.wire_format
+
+    def _check_compact_is_unwrapped(self, caller: Any, config: ConfigRecord) -> None:
+        """With the compact format, fail here with the fix rather than deep inside a Flower wrapper or mod."""
+        if self.wire_format != "compact":
+            return
+        wrapper = caller if isinstance(caller, Strategy) and caller is not self else None
+        if wrapper is None and P.FLOWER_CLIPPING_NORM not in config:
+            return
+        who = type(wrapper).__name__ if wrapper is not None else f"a Flower privacy wrapper (config has {P.FLOWER_CLIPPING_NORM!r})"
+        raise ValueError(
+            f"wire_format: 'compact' sends bfloat16 as {RAW_STYPE!r} arrays, which {who} cannot read "
+            "(it converts arrays with ArrayRecord.to_numpy_ndarrays()); use FedRotLoRA(wire_format='numpy') "
+            "and the clients' default make_train_reply(wire_format=None)"
+        )
+
+    def _as_sent(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global adapter in the adapter's dtypes and this strategy's wire format (a wrapper may
+        have rewritten it as plain float32, e.g. after adding noise)."""
+        state = arrayrecord_to_state_dict(arrays, like=self._dtypes)
+        if self._dtypes is None:
+            self._dtypes = {key: t.dtype for key, t in state.items()}
+        return state_dict_to_arrayrecord(state, wire_format=self.wire_format)
 
     def _attach_base_deltas(self, messages: List[Message]) -> List[Message]:
         if self.base_deltas:
-            record = state_dict_to_arrayrecord(self.base_deltas)
+            record = state_dict_to_arrayrecord(self.base_deltas, wire_format=self.wire_format)
             for msg in messages:
                 msg.content[BASE_DELTAS_KEY] = record
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """FedAvg's configure_train, plus the round settings in the config, the base-weight
-        updates (fedex/flora), and remembering ``arrays`` as this round's reference."""
+        updates (fedex/flora), and remembering ``arrays`` as this round's reference.
+
+        Raises:
+            ValueError: ``wire_format="compact"`` while a Flower wrapper calls this strategy.
+        """
+        self._check_compact_is_unwrapped(sys._getframe(1).f_locals.get("self"), config)  # the caller: a wrapper?
+        arrays = self._as_sent(arrays)
         self._sent = (server_round, arrays)
         self._add_settings(config, server_round)
         return self._attach_base_deltas(list(super().configure_train(server_round, arrays, config, grid)))
@@ -187,6 +233,7 @@ class FedRotLoRA(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """FedAvg's configure_evaluate, plus the round settings and base-weight updates."""
         self._add_settings(config, server_round)
+        arrays = self._as_sent(arrays)
         return self._attach_base_deltas(list(super().configure_evaluate(server_round, arrays, config, grid)))
 
     # ------------------------------------------------------------------ aggregate
@@ -196,7 +243,7 @@ class FedRotLoRA(FedAvg):
                 f"FedRotLoRA.aggregate_train(server_round={server_round}): no global adapter was sent for this round; "
                 "call configure_train first (Strategy.start does)"
             )
-        return arrayrecord_to_state_dict(self._sent[1], device=self.device)
+        return arrayrecord_to_state_dict(self._sent[1], device=self.device, like=self._dtypes)
 
     def _frozen_keys(self, reference: Mapping[str, torch.Tensor], round_idx: int) -> List[str]:
         frozen = self.spec.frozen_factor(round_idx, self.initial)
@@ -305,7 +352,7 @@ class FedRotLoRA(FedAvg):
             server_round, self.method, len(states), len(summary.rejected), 1e3 * seconds,
             _fmt(metrics.get("agg-error-rel-mean")), _fmt(metrics.get("agg-error-rel-max")),
         )
-        return state_dict_to_arrayrecord(new_global), MetricRecord({**self._client_metrics(contents), **metrics})
+        return state_dict_to_arrayrecord(new_global, wire_format=self.wire_format), MetricRecord({**self._client_metrics(contents), **metrics})
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -85,8 +85,9 @@ def train(msg: Message, context: Context) -> Message:
     return make_train_reply(msg, state, TRAIN_SIZES[partition], {"train-loss": loss})
 
 
-def make_server_app(num_rounds: int, train_config: dict, **strategy_kwargs) -> ServerApp:
-    """A ServerApp running ``FedRotLoRA(**strategy_kwargs)`` on 3 nodes from the tiny model's adapter."""
+def make_server_app(num_rounds: int, train_config: dict, wrap=None, **strategy_kwargs) -> ServerApp:
+    """A ServerApp running ``FedRotLoRA(**strategy_kwargs)`` on 3 nodes from the tiny model's adapter,
+    or ``wrap(FedRotLoRA(...))`` (e.g. a Flower privacy wrapper) when ``wrap`` is given."""
     app = ServerApp()
 
     @app.main()
@@ -98,7 +99,8 @@ def make_server_app(num_rounds: int, train_config: dict, **strategy_kwargs) -> S
         def keep_global(server_round: int, arrays) -> None:  # Strategy.start's server-side evaluation hook
             globals_[server_round] = arrays
 
-        result = strategy.start(
+        runner = strategy if wrap is None else wrap(strategy)
+        result = runner.start(
             grid=grid, initial_arrays=state_dict_to_arrayrecord(initial), num_rounds=num_rounds,
             train_config=ConfigRecord(train_config), evaluate_fn=keep_global,
         )

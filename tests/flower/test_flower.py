@@ -76,12 +76,12 @@ def f32_round():
 
 
 # ----------------------------------------------------------------------------- codec
-def test_bf16_round_trip_is_bit_exact():
+def test_compact_bf16_round_trip_is_bit_exact():
     g = torch.Generator().manual_seed(0)
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -3.0e38], dtype=torch.bfloat16)
     state = {"a": torch.randn(4, 7, generator=g).to(torch.bfloat16), "special": special, "scalar": torch.tensor(1.5, dtype=torch.bfloat16),
              "empty": torch.zeros(0, 3, dtype=torch.bfloat16), "strided": torch.randn(6, 4, generator=g).to(torch.bfloat16).T}
-    record = state_dict_to_arrayrecord(state)
+    record = state_dict_to_arrayrecord(state, wire_format="compact")
     assert all(record[k].stype == RAW_STYPE and record[k].dtype == "bfloat16" for k in state)
     assert len(record["a"].data) == 2 * 4 * 7  # 2 bytes per value, no float32 detour
     back = arrayrecord_to_state_dict(record)
@@ -90,11 +90,12 @@ def test_bf16_round_trip_is_bit_exact():
         assert torch.equal(back[k].view(torch.int16), t.contiguous().view(torch.int16)), k  # bit for bit, NaN and -0 included
 
 
-def test_bf16_survives_flower_serialisation():
+@pytest.mark.parametrize("wire_format", ["numpy", "compact"])
+def test_bf16_survives_flower_serialisation(wire_format):
     """Through Flower's own deflate/inflate (what crosses the network)."""
     g = torch.Generator().manual_seed(1)
     state = {"w": torch.randn(3, 5, generator=g).to(torch.bfloat16)}
-    record = state_dict_to_arrayrecord(state)
+    record = state_dict_to_arrayrecord(state, wire_format=wire_format)
     array = record["w"]
     children = dict(array.children)
     rebuilt = Array.inflate(array.deflate(), children)
@@ -102,19 +103,20 @@ def test_bf16_survives_flower_serialisation():
     assert torch.equal(back["w"].view(torch.int16), state["w"].view(torch.int16))
 
 
-def test_other_dtypes_use_flowers_numpy_encoding():
+@pytest.mark.parametrize("wire_format", ["numpy", "compact"])
+def test_other_dtypes_use_flowers_numpy_encoding(wire_format):
     g = torch.Generator().manual_seed(2)
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     state = {"f32": randn(2, 3), "f16": randn(3).half(), "f64": randn(2).double(),
              "i64": torch.arange(4), "b": torch.tensor([True, False])}
-    record = state_dict_to_arrayrecord(state)
+    record = state_dict_to_arrayrecord(state, wire_format=wire_format)
     assert all(record[k].stype == "numpy.ndarray" for k in state)
     np.testing.assert_array_equal(record["f32"].numpy(), state["f32"].numpy())  # stock Flower can read it
     _assert_same(arrayrecord_to_state_dict(record), state)
 
 
 def test_decoding_rejects_lying_or_corrupt_arrays():
-    good = state_dict_to_arrayrecord({"w": torch.ones(2, 2, dtype=torch.bfloat16)})["w"]
+    good = state_dict_to_arrayrecord({"w": torch.ones(2, 2, dtype=torch.bfloat16)}, wire_format="compact")["w"]
     short = ArrayRecord({"w": Array(dtype="bfloat16", shape=(2, 3), stype=RAW_STYPE, data=good.data)})
     with pytest.raises(ValueError, match=r"'w': 8 bytes do not hold a bfloat16 array of shape \(2, 3\)"):
         arrayrecord_to_state_dict(short)
@@ -174,7 +176,7 @@ def _bad_replies(clients, reference):
     nan = dict(good, **{lora_a: good[lora_a].clone().index_fill_(1, torch.tensor([0]), float("nan"))})
     inf = dict(good, **{head: torch.full_like(good[head], float("inf"))})
     wide = dict(good, **{lora_a: torch.cat([good[lora_a], good[lora_a][:1]])})
-    f32 = dict(good, **{lora_a: good[lora_a].float()})
+    f16 = dict(good, **{lora_a: good[lora_a].half()})  # (float32 is accepted: the "numpy" wire form of bf16)
     missing = {k: v for k, v in good.items() if k != head}
     extra = dict(good, **{"base_model.model.extra.lora_A.weight": torch.zeros(2, 2, dtype=good[lora_a].dtype)})
     arrays = lambda s: state_dict_to_arrayrecord(s)  # noqa: E731
@@ -185,7 +187,7 @@ def _bad_replies(clients, reference):
         ("NaN in a LoRA factor", counted(nan, 5), "expected finite values"),
         ("Inf in the head", counted(inf, 5), "expected finite values"),
         ("rank 5 instead of 4", counted(wide, 5), "expected shape (4, 16)"),
-        ("float32 instead of bf16", counted(f32, 5), "dtype torch.bfloat16"),
+        ("float16 instead of bf16", counted(f16, 5), "dtype torch.bfloat16"),
         ("missing key", counted(missing, 5), "missing"),
         ("extra key", counted(extra, 5), "unexpected"),
         ("zero examples", counted(good, 0), "finite number > 0"),
