@@ -223,13 +223,15 @@ class StreamingAggregator:
         self._check_identical(batch, state, label)
         ranks = [self._refs.rank[m] if self._refs is not None else r for m, (r,) in enumerate(batch.ranks)]
         clip = self._policy.clip_norm is not None
-        # In the accumulate dtype: the op's output is then w_i · (rotated factors), unrounded.
-        A = [pad_rank(state[m.key_A].to(accumulate_dtype(state[m.key_A].dtype), copy=clip), r, 0)[None]
+        A = [pad_rank(state[m.key_A], r, 0).clone()[None] if clip else pad_rank(state[m.key_A], r, 0)[None]
              for m, r in zip(batch.modules, ranks)]
-        B = [pad_rank(state[m.key_B].to(accumulate_dtype(state[m.key_B].dtype), copy=clip), r, 1)[None]
+        B = [pad_rank(state[m.key_B], r, 1).clone()[None] if clip else pad_rank(state[m.key_B], r, 1)[None]
              for m, r in zip(batch.modules, ranks)]
-        if clip:
+        if clip:  # in the clients' dtype, rounded as aggregate_state_dicts rounds its clipped stacks
             clip_clients(A, B, self._policy.clip_norm, spec.clip_exponents(frozen))
+        # Into the op in the accumulate dtype: its output is then w_i · (rotated factors), unrounded.
+        A = [a.to(accumulate_dtype(a.dtype)) for a in A]
+        B = [b.to(accumulate_dtype(b.dtype)) for b in B]
         w = torch.tensor([weight], dtype=torch.float64)
         new_A, new_B, statuses = _fused_average(A, B, self._refs, w, self._aligns, self._lam, self._allow_reflection)
         _check_overflow(statuses, A)
