@@ -140,7 +140,9 @@ class StreamingAggregator:
         self._device = None if device is None else torch.device(device)
         self._kahan = summation == "kahan"
         self._template: Optional[Dict[str, torch.Tensor]] = None  # first client's metadata, zero-strided (no memory)
-        self._refs: Optional[FactorSet] = None
+        self._refs: Optional[FactorSet] = None  # in the accumulate dtype, when aligning
+        self._modules: list = []  # the first client's LoRA modules and their align modes
+        self._aligns: List[str] = []
         self._weights: List[float] = []  # every add() call's weight, dropped clients too
         self._bad: Dict[int, str] = {}
         self._first_kept: Optional[str] = None
@@ -202,7 +204,7 @@ class StreamingAggregator:
                 # Rounded to the clients' dtype first, as aggregate_state_dicts does, then in the op's compute dtype.
                 self._refs = FactorSet([None if a is None else a.to(d) for a, d in zip(refs.A, acc)],
                                        [None if b is None else b.to(d) for b, d in zip(refs.B, acc)], refs.rank)
-            self._aligns = aligns
+            self._aligns, self._modules = aligns, batch.modules
             self._template = {k: v.new_zeros(()).expand(v.shape) for k, v in state.items()}
             self._first_label = label
             self._ranks = [set() for _ in batch.modules]
@@ -287,7 +289,7 @@ class StreamingAggregator:
         kept, w = surviving_weights(self._weights, len(self._weights), self._bad, torch.device("cpu"), torch.float64, "client_states")
         total = math.fsum(self._weights[i] for i in kept)
         spec, template = self.spec, self._template
-        modules = collect_clients([template], [self._first_label]).modules
+        modules = self._modules
         mean = lambda key: (self._sums[key].total / total).to(template[key].dtype)  # noqa: E731
         new_A = [self._copies[m.key_A] if self._frozen == "A" else mean(m.key_A) for m in modules]
         new_B = [None if spec.personal == "B" else self._copies[m.key_B] if self._frozen == "B" else mean(m.key_B)
