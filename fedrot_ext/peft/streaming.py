@@ -143,8 +143,9 @@ class StreamingAggregator:
         self._refs: Optional[FactorSet] = None  # in the accumulate dtype, when aligning
         self._modules: list = []  # the first client's LoRA modules and their align modes
         self._aligns: List[str] = []
-        self._weights: List[float] = []  # every add() call's weight, dropped clients too
-        self._bad: Dict[int, str] = {}
+        self._calls = 0  # add() calls so far, refused ones too: client i is the i-th call
+        self._weights: List[float] = []  # the weights of the accepted and the dropped clients, in arrival order
+        self._bad: Dict[int, Tuple[int, str]] = {}  # position in _weights -> (call index, where the NaN/Inf is)
         self._first_kept: Optional[str] = None
         self._copies: Dict[str, torch.Tensor] = {}  # non-floating tensors and frozen factors of the first kept client
         self._sums: Dict[str, _RunningSum] = {}  # by state key; base deltas by module path
@@ -156,7 +157,7 @@ class StreamingAggregator:
 
     @property
     def dropped(self) -> Tuple[Tuple[int, str], ...]:
-        return tuple((i, dropped_reason(where)) for i, where in sorted(self._bad.items()))
+        return tuple((index, dropped_reason(where)) for _, (index, where) in sorted(self._bad.items()))
 
     # ------------------------------------------------------------------ add
     def add(self, client_state: Mapping[str, torch.Tensor], weight: float = 1.0) -> bool:
@@ -170,10 +171,11 @@ class StreamingAggregator:
             True if accepted, False if dropped (on_invalid="skip").
 
         Raises:
-            ValueError/TypeError naming ``client_states[i]`` (i: the number of earlier add() calls)
-            and the key, as aggregate_state_dicts would; naming ``weight`` for a bad weight.
+            ValueError/TypeError naming ``client_states[i]`` (i: the number of earlier add() calls,
+            refused ones included) and the key, as aggregate_state_dicts would; naming ``weight``
+            for a bad weight. A refused client leaves the sums as they were.
         """
-        index = len(self._weights)
+        index, self._calls = self._calls, self._calls + 1
         label = f"client_states[{index}]"
         weight = _check_weight(weight)
         if self._device is not None and isinstance(client_state, Mapping):
@@ -185,7 +187,7 @@ class StreamingAggregator:
             where = f"{label}[{keys[bad]!r}]"
             if self._policy.on_invalid == "raise":
                 raise invalid_client_error(where)
-            self._bad[index] = where
+            self._bad[len(self._weights)] = (index, where)
             self._weights.append(weight)
             return False
         self._accumulate(batch, client_state, weight, label)  # raises before touching any sum
@@ -291,8 +293,8 @@ class StreamingAggregator:
         spec, template = self.spec, self._template
         modules = self._modules
         mean = lambda key: (self._sums[key].total / total).to(template[key].dtype)  # noqa: E731
-        new_A = [self._copies[m.key_A] if self._frozen == "A" else mean(m.key_A) for m in modules]
-        new_B = [None if spec.personal == "B" else self._copies[m.key_B] if self._frozen == "B" else mean(m.key_B)
+        new_A = [self._copies[m.key_A].clone() if self._frozen == "A" else mean(m.key_A) for m in modules]
+        new_B = [None if spec.personal == "B" else self._copies[m.key_B].clone() if self._frozen == "B" else mean(m.key_B)
                  for m in modules]
         if nonfinite_index([t for t in new_A + new_B if t is not None]) is not None:
             raise overflow_error("client_states", {t.dtype for t in new_A})
@@ -302,7 +304,7 @@ class StreamingAggregator:
         if spec.output == "merge":
             new_B = [torch.zeros_like(b) for b in new_B]  # the update now lives in the base weight
         values = {k: mean(k) for k in template if k in self._sums}
-        values.update(self._copies)
+        values.update((k, t.clone()) for k, t in self._copies.items())  # the result is the caller's to modify
         for m, a, b in zip(modules, new_A, new_B):
             values[m.key_A] = a
             if b is not None:

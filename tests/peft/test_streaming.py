@@ -105,14 +105,15 @@ def test_checks_match_aggregate_state_dicts():
     agg.add(clients[0])
     with pytest.raises(ValueError, match=rf"client_states\[1\]\['{changed}'\]: differs from client_states\[0\]'s, but method 'ffa' keeps lora_A frozen"):
         agg.add(dict(clients[1], **{changed: clients[1][changed] + 1}))
-    with pytest.raises(ValueError, match=r"client_states\[1\].*rank 2 differs from client_states\[0\]'s 4; method 'ffa' needs equal ranks"):
+    # every add() call is a client index, refused ones too
+    with pytest.raises(ValueError, match=r"client_states\[2\].*rank 2 differs from client_states\[0\]'s 4; method 'ffa' needs equal ranks"):
         agg.add({k: v[:, :2] if "v.lora_B" in k else v[:2] if "v.lora_A" in k else v for k, v in clients[1].items()})
     missing = {k: v for k, v in clients[1].items() if "classifier.bias" not in k}
-    with pytest.raises(ValueError, match=r"client_states\[1\]: missing key 'base_model.model.classifier.bias'"):
+    with pytest.raises(ValueError, match=r"client_states\[3\]: missing key 'base_model.model.classifier.bias'"):
         agg.add(missing)
     with pytest.raises(ValueError, match="weight: expected a finite number >= 0"):
         agg.add(clients[1], weight=-1.0)
-    assert agg.count == 1
+    assert agg.add(clients[1]) and agg.count == 2
 
 
 def test_non_floating_tensors_are_copied_and_must_agree():
