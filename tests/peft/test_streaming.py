@@ -180,3 +180,19 @@ def test_arrival_order_changes_only_the_summation_rounding(summation):
         for key in exact:
             ulp = torch.finfo(torch.float32).eps * exact[key].abs().clamp_min(1e-30)
             assert bool(((results[0][key].double() - results[1][key].double()).abs() <= 2 * ulp + 4 * u * scale[key]).all()), key
+
+
+def test_float64_accumulates_in_float64():
+    ref, clients = _round("fedrot", 1, torch.float64)
+    want = fedrot_ext.aggregate_state_dicts(clients, reference=ref, weights=WEIGHTS, round=1)
+    agg, _ = _stream(clients, WEIGHTS, ref, round=1)
+    assert_same_state(agg.result(), want, rtol=1e-12, atol=1e-13)
+
+
+def test_device_moves_each_client(device):
+    ref, clients = _round("fedrot", 1, torch.float32)
+    want = fedrot_ext.aggregate_state_dicts(clients, reference=ref, weights=WEIGHTS, round=1)
+    agg, _ = _stream(clients, WEIGHTS, ref, round=1, device=device)
+    got = agg.result()
+    assert all(t.device.type == device for t in got.values())
+    assert_same_state({k: t.cpu() for k, t in got.items()}, dict(want), rtol=1e-4, atol=1e-5)
