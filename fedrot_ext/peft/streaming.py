@@ -92,11 +92,14 @@ class StreamingAggregator:
     rotation depends on the padded size, so when aligning every client is padded to the
     reference's rank and a larger client rank raises. ffa, rolora and fedsa need equal ranks.
 
-    Summation and arrival order: a plain running sum of N terms has relative error
-    ≲ N·u·Σ|w_i x_i| / |Σ w_i x_i| (u = 2⁻²⁴ in float32), so two arrival orders agree to
-    about that; ``summation="kahan"`` carries the compensation, error ≲ 2u (plus O(N u²))
-    independent of N, so two orders agree to ~1 ulp of the result before the final cast to
-    the input dtype (twice the accumulator memory and ~4× the additions).
+    Summation and arrival order: the result depends on the order only through the rounding
+    of the sums. A plain running sum of N terms has error ≲ N·u·Σ|w_i x_i| per entry
+    (u = 2⁻²⁴ in float32), so two orders agree to about that; ``summation="kahan"`` carries the
+    compensation: error ≲ 2u·Σ|w_i x_i| (+ O(N u²)), independent of N, so two orders agree to
+    ~1 ulp of every entry that does not cancel (Σ|w_i x_i| ≈ |Σ w_i x_i|) before the final cast
+    to the input dtype. Measured (tests/peft/test_streaming.py's 400 clients, forward vs reversed):
+    plain 9e-7, kahan 8e-8 of the largest entry. Kahan costs twice the accumulator memory and
+    ~4× the additions. The same order always gives the same bits.
 
     Args:
         reference, method, round, lam, schedule, initial, allow_reflection, lora_config,
