@@ -23,6 +23,7 @@ from .peft import (
     load_adapter,
     parse_lora_keys,
     set_trainable_factor,
+    StreamingAggregator,
 )
 from .merge import MergedState, merge_adapters
 from .schedule import SCHEDULES, alignment_for_round, rolora_trained_factor
@@ -57,6 +58,7 @@ __all__ = [
     "parse_lora_keys",
     "rolora_trained_factor",
     "set_trainable_factor",
+    "StreamingAggregator",
     "state_dict_aggregation_error",
     "weighted_product_sum",
     "MergedState",

@@ -4,9 +4,11 @@ Per round the strategy remembers the global adapter it sent (the reference that
 FedRot-LoRA aligns on), screens each reply on its own (keys, shapes and dtypes equal
 to the global adapter's, finite values, a positive ``num-examples``; a frozen factor
 unchanged for ``ffa``/``rolora``), drops a bad reply with a WARNING log line that names
-the node and the reason, and aggregates the rest with
-:func:`fedrot_ext.aggregate_state_dicts` weighted by ``num-examples``. Non-LoRA tensors
-(classifier head, modules_to_save) are weighted-averaged by the same call.
+the node and the reason, and aggregates the rest weighted by ``num-examples``: by default
+streaming (:class:`fedrot_ext.StreamingAggregator`: each reply is screened, decoded, added and
+released in turn, so server memory does not grow with the number of replies), else with one
+:func:`fedrot_ext.aggregate_state_dicts` call over all of them. Non-LoRA tensors (classifier
+head, modules_to_save) are weighted-averaged too.
 
 Wire format: by default (``wire_format="numpy"``) every array is NumPy-readable, so
 Flower's privacy wrappers (``DifferentialPrivacyServerSide*Clipping``,
@@ -19,6 +21,7 @@ be wrapped.
 """
 from __future__ import annotations
 
+import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from logging import INFO, WARNING
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -36,6 +39,7 @@ from ..methods import check_initial, get_method
 from ..metrics import state_dict_aggregation_error
 from ..peft.aggregate import AggregatedState, aggregate_state_dicts
 from ..peft.keys import parse_lora_keys
+from ..peft.streaming import StreamingAggregator, streaming_supported
 from ..schedule import SCHEDULES
 from ..server_opt import ServerOptimizer
 from . import _protocol as P
@@ -83,7 +87,8 @@ class FedRotLoRA(FedAvg):
     error ‖Σ w_i B_i A_i − B̄ Ā‖_F / ‖Σ w_i B_i A_i‖_F over LoRA modules; only for methods whose
     ``Method.factor_error`` is set, so not fedsa, fedex, flora), ``fedit-error-rel-mean`` /
     ``fedit-error-rel-max`` (the same for plain FedIT on the same replies; ``method="fedrot"``
-    with ``report_fedit_error=True`` only), ``agg-time-s`` (the aggregation call),
+    with ``report_fedit_error=True`` only); these need every reply at once, so a streaming round
+    does not report them. Always: ``agg-time-s`` (the aggregation),
     ``rank`` (largest rank of the aggregate), ``replies-accepted``, ``replies-rejected``.
     Each round's :class:`RoundSummary` is appended to :attr:`history`.
 
@@ -103,7 +108,13 @@ class FedRotLoRA(FedAvg):
         aggregate_options: further keyword arguments for :func:`fedrot_ext.aggregate_state_dicts`
             (for example ``clip_norm`` or ``noise_multiplier``), passed unchanged every round.
         report_fedit_error: with method "fedrot", also aggregate the same replies with FedIT and
-            report its error (off by default: it costs a second aggregation every round).
+            report its error (off by default: it costs a second aggregation every round; it needs
+            every reply at once, so it turns the default streaming off).
+        streaming: consume the replies one at a time with :class:`fedrot_ext.StreamingAggregator`
+            (True), or stack them for one aggregate_state_dicts call (False; also reports the
+            ``agg-error-*`` metrics). None: streaming whenever the method allows it (not flexlora),
+            lam is a number and ``report_fedit_error`` is off. Both give the same global adapter
+            to rounding.
         server_optimizer: a :class:`fedrot_ext.ServerOptimizer` (FedAvgM / FedAdam / FedYogi /
             FedAdagrad) stepping the global adapter along aggregate − previous global every round;
             None: the aggregate is the new global (FedAvg). Checkpoint it with its ``state_dict()``.
@@ -122,7 +133,8 @@ class FedRotLoRA(FedAvg):
     Raises:
         ValueError: unknown method or schedule, λ outside [0, 1], a bad ``initial``, or a
             missing ``lora_config`` for fedex/flora, or ``aggregate_options`` naming an
-            argument the strategy sets itself, or an unknown ``wire_format``.
+            argument the strategy sets itself, an unknown ``wire_format``, or ``streaming=True``
+            with flexlora, lam="auto" or ``report_fedit_error``.
     """
 
     def __init__(
@@ -139,6 +151,7 @@ class FedRotLoRA(FedAvg):
         report_fedit_error: bool = False,
         server_optimizer: Optional[ServerOptimizer] = None,
         wire_format: str = "numpy",
+        streaming: Optional[bool] = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -165,9 +178,21 @@ class FedRotLoRA(FedAvg):
         self.server_optimizer = server_optimizer
         self.wire_format = check_wire_format(wire_format)
         self._dtypes: Optional[Dict[str, torch.dtype]] = None  # the adapter's, from the first global sent
+        self.streaming = self._streaming(streaming)
         self.history: List[RoundSummary] = []
         self.base_deltas: Dict[str, torch.Tensor] = {}
         self._sent: Optional[Tuple[int, ArrayRecord]] = None
+
+    def _streaming(self, requested: Optional[bool]) -> bool:
+        possible = streaming_supported(self.spec) and isinstance(self.lam, numbers.Real)
+        if requested is None:
+            return possible and not self.report_fedit_error
+        if requested and not possible:
+            why = f"method {self.method!r}" if not streaming_supported(self.spec) else "lam='auto'"
+            raise ValueError(f"streaming: {why} needs all replies at once; pass streaming=False or None")
+        if requested and self.report_fedit_error:
+            raise ValueError("streaming: report_fedit_error needs all replies at once; pass streaming=False or None")
+        return bool(requested)
 
     # ------------------------------------------------------------------ configure
     def summary(self) -> None:
@@ -252,31 +277,79 @@ class FedRotLoRA(FedAvg):
         modules, _ = parse_lora_keys(reference.keys(), owner="global adapter")
         return [m.key_A if frozen == "A" else m.key_B for m in modules]
 
-    def _aggregate(self, states, weights, reference, round_idx) -> Tuple[AggregatedState, float]:
+    def _timed(self, fn):
+        """(fn(), seconds), synchronised on the GPU."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        aggregated = aggregate_state_dicts(
+        out = fn()
+        sync()
+        return out, time.perf_counter() - start
+
+    def _aggregate(self, states, weights, reference, round_idx) -> Tuple[AggregatedState, float]:
+        return self._timed(lambda: aggregate_state_dicts(
             states, reference=reference, weights=weights, method=self.method, round=round_idx, lam=self.lam,
             schedule=self.schedule, initial=self.initial, allow_reflection=self.allow_reflection, lora_config=self.lora_config,
             **self.aggregate_options,
+        ))
+
+    def _accepted(self, valid, reference, frozen, summary: RoundSummary):
+        """Screen and decode the replies one at a time: yields (state, weight, metrics-only content)."""
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            try:
+                state, weight = screen_reply(
+                    msg.content, reference, arrayrecord_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key,
+                    frozen_keys=frozen, device=self.device,
+                )
+            except (ValueError, TypeError, KeyError) as err:  # anything a malformed reply can trigger
+                summary.rejected[node] = str(err)
+                log(WARNING, "aggregate_train: round %d: rejected the reply of node %d: %s", summary.server_round, node, err)
+                continue
+            summary.accepted.append(node)
+            yield state, weight, RecordDict(dict(msg.content.metric_records))
+
+    def _stack(self, accepted, reference, round_idx):
+        """All accepted replies in one aggregate_state_dicts call: (aggregate, seconds, contents, error metrics), or None."""
+        rows = list(accepted)
+        if not rows:
+            return None
+        states, weights, contents = ([row[j] for row in rows] for j in range(3))
+        aggregated, seconds = self._aggregate(states, weights, reference, round_idx)
+        return aggregated, seconds, contents, self._stacked_error_metrics(states, weights, aggregated)
+
+    def _stream(self, accepted, reference, round_idx):
+        """Add each accepted reply to a StreamingAggregator and release it: (aggregate, seconds, contents, {}), or None."""
+        agg = StreamingAggregator(
+            reference, method=self.method, round=round_idx, lam=self.lam, schedule=self.schedule, initial=self.initial,
+            allow_reflection=self.allow_reflection, lora_config=self.lora_config, device=self.device, **self.aggregate_options,
         )
-        sync()
-        return aggregated, time.perf_counter() - start
+        seconds, contents = 0.0, []
+        for state, weight, content in accepted:
+            seconds += self._timed(lambda: agg.add(state, weight))[1]
+            contents.append(content)
+            del state  # the decoded reply is released before the next one is decoded
+        if not agg.count:
+            return None
+        aggregated, tail = self._timed(agg.result)
+        return aggregated, seconds + tail, contents, {}
 
     def _error_metrics(self, prefix: str, states, aggregated, weights) -> Dict[str, float]:
         errors = state_dict_aggregation_error(states, aggregated, weights=weights)
         relative = [rel for _, rel in errors.values()]
         return {f"{prefix}-error-rel-mean": sum(relative) / len(relative), f"{prefix}-error-rel-max": max(relative)}
 
-    def _round_metrics(self, states, weights, aggregated, new_global, seconds, n_rejected) -> Dict[str, Union[int, float]]:
+    def _round_metrics(self, summary: RoundSummary, new_global, seconds) -> Dict[str, Union[int, float]]:
         modules, _ = parse_lora_keys(new_global.keys(), owner="global adapter")
-        metrics: Dict[str, Union[int, float]] = {
+        return {
             "agg-time-s": seconds,
             "rank": max(new_global[m.key_A].shape[0] for m in modules),
-            "replies-accepted": len(states),
-            "replies-rejected": n_rejected,
+            "replies-accepted": len(summary.accepted),
+            "replies-rejected": len(summary.rejected),
         }
+
+    def _stacked_error_metrics(self, states, weights, aggregated) -> Dict[str, float]:
+        metrics: Dict[str, float] = {}
         if self.spec.factor_error:
             metrics.update(self._error_metrics("agg", states, aggregated, weights))
         if self.lam == "auto" and aggregated.lam:
@@ -319,37 +392,23 @@ class FedRotLoRA(FedAvg):
         frozen = self._frozen_keys(reference, round_idx)
         summary = RoundSummary(server_round, failed={m.metadata.src_node_id: m.error.reason for m in errors})
         self.history.append(summary)
-        states, weights, contents = [], [], []
-        for msg in valid:
-            node = msg.metadata.src_node_id
-            try:
-                state, weight = screen_reply(
-                    msg.content, reference, arrayrecord_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key,
-                    frozen_keys=frozen, device=self.device,
-                )
-            except (ValueError, TypeError, KeyError) as err:  # anything a malformed reply can trigger
-                summary.rejected[node] = str(err)
-                log(WARNING, "aggregate_train: round %d: rejected the reply of node %d: %s", server_round, node, err)
-                continue
-            summary.accepted.append(node)
-            states.append(state)
-            weights.append(weight)
-            contents.append(msg.content)
-        if not states:
+        accepted = self._accepted(valid, reference, frozen, summary)
+        outcome = (self._stream if self.streaming else self._stack)(accepted, reference, round_idx)
+        if outcome is None:
             log(WARNING, "aggregate_train: round %d: no usable reply; the global adapter stays as it was", server_round)
             return None, None
 
-        aggregated, seconds = self._aggregate(states, weights, reference, round_idx)
+        aggregated, seconds, contents, error_metrics = outcome
         new_global = {key: aggregated.get(key, ref) for key, ref in reference.items()}  # fedsa: B stays
         if self.server_optimizer is not None:
             new_global = self.server_optimizer.step(reference, new_global)
-        metrics = self._round_metrics(states, weights, aggregated, new_global, seconds, len(summary.rejected))
+        metrics = {**self._round_metrics(summary, new_global, seconds), **error_metrics}
         summary.metrics = dict(metrics)
         self._accumulate_base_deltas(aggregated.base_deltas)
         log(
             INFO,
             "aggregate_train: round %d: fedrot_ext %s over %d replies (%d rejected) in %.1f ms; rel. error mean %s, max %s",
-            server_round, self.method, len(states), len(summary.rejected), 1e3 * seconds,
+            server_round, self.method, len(summary.accepted), len(summary.rejected), 1e3 * seconds,
             _fmt(metrics.get("agg-error-rel-mean")), _fmt(metrics.get("agg-error-rel-max")),
         )
         return state_dict_to_arrayrecord(new_global, wire_format=self.wire_format), MetricRecord({**self._client_metrics(contents), **metrics})

@@ -5,12 +5,14 @@
 - :mod:`.policy`: invalid clients, norm clipping and noise over whole adapters;
 - :mod:`.aggregate`: :func:`aggregate_state_dicts` and :func:`align_state_dict`;
 - :mod:`.model`: base-weight layouts, :func:`fold_into_base`, :func:`set_trainable_factor`;
+- :mod:`.streaming`: :class:`StreamingAggregator`, one client at a time (many clients);
 - :mod:`.io`: :func:`load_adapter` (safetensors only).
 """
 from .aggregate import AggregatedState, aggregate_state_dicts, align_state_dict
 from .io import load_adapter
 from .keys import LoraModule, parse_lora_keys
 from .model import fold_into_base, set_trainable_factor
+from .streaming import StreamingAggregator
 
 __all__ = [
     "AggregatedState",
@@ -21,4 +23,5 @@ __all__ = [
     "load_adapter",
     "parse_lora_keys",
     "set_trainable_factor",
+    "StreamingAggregator",
 ]

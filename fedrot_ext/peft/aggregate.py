@@ -117,8 +117,16 @@ def _identical_on_clients(batch: ClientBatch, stacks, keys, why: str) -> List[to
             bad = int((~flags).nonzero()[0, 0])
             s = stacks[bad]
             client = next(i for i in range(1, s.shape[0]) if not torch.equal(s[i], s[0]))
-            raise ValueError(f"{batch.labels[client]}[{keys[bad]!r}]: differs from {batch.labels[0]}'s, but {why}")
+            raise differs_error(batch.labels[client], keys[bad], batch.labels[0], why)
     return [s[0].clone() for s in stacks]
+
+
+def differs_error(label: str, key: str, first_label: str, why: str) -> ValueError:
+    """A tensor that must be identical on every client differs from the first client's."""
+    return ValueError(f"{label}[{key!r}]: differs from {first_label}'s, but {why}")
+
+
+NOT_AVERAGED = "a non-floating tensor cannot be averaged"
 
 
 def _average_others(batch: ClientBatch, stacks, w: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -129,7 +137,7 @@ def _average_others(batch: ClientBatch, stacks, w: torch.Tensor) -> Dict[str, to
         if s.is_floating_point():
             acc = accumulate_dtype(s.dtype)
             out[key] = torch.tensordot(w.to(s.device, acc), s.to(acc), dims=1).to(s.dtype)
-    copies = _identical_on_clients(batch, [s for _, s in fixed], [k for k, _ in fixed], "a non-floating tensor cannot be averaged")
+    copies = _identical_on_clients(batch, [s for _, s in fixed], [k for k, _ in fixed], NOT_AVERAGED)
     out.update((key, t) for (key, _), t in zip(fixed, copies))
     return out
 
@@ -145,17 +153,37 @@ def _dense_updates(spec: Method, batch, A, B, new_A, new_B, w, lora_config, scal
 
     deltas: Dict[str, torch.Tensor] = {}
     for module, dense, s in zip(batch.modules, _per_dtype(A, compute), scalings):
-        if module.path in deltas:
-            raise ValueError(f"client_states: {module.key_A!r} shares its base weight with another adapter; aggregate one adapter at a time for {spec.name!r}")
-        deltas[module.path] = to_base_layout(dense * s, module, lora_config)
+        put_base_delta(deltas, spec, module, dense * s, lora_config)
     return deltas
+
+
+def put_base_delta(deltas: Dict[str, torch.Tensor], spec: Method, module, scaled: torch.Tensor, lora_config) -> None:
+    """Store one module's scaled (out, in) update in its base weight's layout; one update per base weight."""
+    if module.path in deltas:
+        raise ValueError(f"client_states: {module.key_A!r} shares its base weight with another adapter; aggregate one adapter at a time for {spec.name!r}")
+    deltas[module.path] = to_base_layout(scaled, module, lora_config)
 
 
 def _frozen_copies(spec: Method, batch, A, B, round, frozen: str):
     """ffa / rolora: the factor that did not train, checked equal on all clients and copied."""
     stacks, keys = (A, [m.key_A for m in batch.modules]) if frozen == "A" else (B, [m.key_B for m in batch.modules])
+    return _identical_on_clients(batch, stacks, keys, frozen_reason(spec, round, frozen))
+
+
+def frozen_reason(spec: Method, round, frozen: str) -> str:
+    """Why a frozen factor must be identical on every client (the tail of :func:`differs_error`)."""
     when = f" in round {round}" if spec.frozen == "alternate" else ""
-    return _identical_on_clients(batch, stacks, keys, f"method {spec.name!r} keeps lora_{frozen} frozen{when} (see set_trainable_factor)")
+    return f"method {spec.name!r} keeps lora_{frozen} frozen{when} (see set_trainable_factor)"
+
+
+def require_lora_config(spec: Method, lora_config) -> None:
+    if spec.dense and lora_config is None:
+        raise ValueError(f"lora_config: required for method {spec.name!r} (r, lora_alpha and fan_in_fan_out decide the base-weight update)")
+
+
+def require_reference(reference, align: str, round) -> None:
+    if align != "none" and reference is None:
+        raise ValueError(f"reference: required to align on {align} in round {round} (the previous global adapter), got None")
 
 
 def _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config,
@@ -165,8 +193,7 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     initial = check_initial(initial)
     align = alignment_for_round(round, schedule, initial) if spec.aligns else "none"
     frozen = spec.frozen_factor(round, initial)
-    if spec.dense and lora_config is None:
-        raise ValueError(f"lora_config: required for method {method!r} (r, lora_alpha and fan_in_fan_out decide the base-weight update)")
+    require_lora_config(spec, lora_config)
     batch = collect_clients(client_states, labels)
     if spec.equal_ranks:
         require_equal_ranks(batch, method)
@@ -174,8 +201,7 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     refs = None
     aligns = [module_align(align, m.embedding) for m in batch.modules]
     if align != "none":
-        if reference is None:
-            raise ValueError(f"reference: required to align on {align} in round {round} (the previous global adapter), got None")
+        require_reference(reference, align, round)
         refs = collect_reference(reference, batch, aligns)
     ranks_of = lambda b: [max(rs + ([refs.rank[m]] if refs else [])) for m, rs in enumerate(b.ranks)]  # noqa: E731
     batch, A, B, other_stacks, w, dropped = screen_clients(batch, weights, w, policy.on_invalid, ranks_of)

@@ -101,14 +101,24 @@ def screen_clients(
     keys = factor_keys(batch) + [key for key, _ in floating]
     bad = {i: f"{batch.labels[i]}[{keys[k]!r}]" for i, k in nonfinite_rows(stacks).items()}
     if on_invalid == "raise":
-        hint = " (pass on_invalid='skip' to drop this client)" if len(batch.states) > 1 else ""
-        raise ValueError(f"{bad[min(bad)]}: expected finite values, found NaN or Inf{hint}")
+        raise invalid_client_error(bad[min(bad)], hint=len(batch.states) > 1)
     del A, B, others, floating, stacks  # re-stacked below: the kept clients may need a smaller rank
     kept, w = surviving_weights(weights, len(batch.states), bad, torch.device("cpu"), torch.float64, "client_states")
-    dropped = tuple((i, f"{bad[i]} holds NaN or Inf") for i in sorted(bad))
+    dropped = tuple((i, dropped_reason(bad[i])) for i in sorted(bad))
     batch = batch.subset(kept)
     A, B = stack_factors(batch, ranks_of(batch))
     return batch, A, B, stack_others(batch), w, dropped
+
+
+def invalid_client_error(where: str, hint: bool = True) -> ValueError:
+    """on_invalid="raise": `where` (``client_states[i]['key']``) holds NaN/Inf."""
+    tail = " (pass on_invalid='skip' to drop this client)" if hint else ""
+    return ValueError(f"{where}: expected finite values, found NaN or Inf{tail}")
+
+
+def dropped_reason(where: str) -> str:
+    """on_invalid="skip": the reason recorded in ``dropped`` for a client whose `where` holds NaN/Inf."""
+    return f"{where} holds NaN or Inf"
 
 
 def clip_clients(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], clip_norm: float, exponents: Tuple[float, float]) -> None:

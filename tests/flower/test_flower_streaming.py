@@ -1,0 +1,61 @@
+"""FedRotLoRA(streaming=...): a streaming round consumes the replies one at a time and gives the
+same global adapter as the stacked round (to rounding)."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import fedrot_ext  # noqa: E402
+from fedrot_ext.flower import FedRotLoRA, arrayrecord_to_state_dict  # noqa: E402
+from helpers.peft_models import assert_same_state, bert_lora_config, make_round, tiny_bert  # noqa: E402
+from test_flower import _bad_replies, _raw_reply, _reply, _sent  # noqa: E402
+
+CLOSE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}  # bf16: one ulp
+
+
+def _run(strategy, reference, replies, server_round=2):
+    _sent(strategy, server_round, reference)
+    arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return arrayrecord_to_state_dict(arrays), metrics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["fedrot", "fedit", "fedsa", "fedex", "flora"])
+def test_streaming_round_equals_the_stacked_round(method, dtype):
+    reference, clients = make_round(tiny_bert(dtype), 3, seed=11)
+    replies = lambda: [_reply(c, n, node) for c, n, node in zip(clients, (3, 5, 9), (11, 12, 13))]  # noqa: E731
+    kw = dict(method=method, lam=0.6, lora_config=bert_lora_config())
+    streaming = FedRotLoRA(**kw)
+    assert streaming.streaming  # the default wherever the method allows it
+    got, metrics = _run(streaming, reference, replies())
+    stacked = FedRotLoRA(**kw, streaming=False)
+    want, stacked_metrics = _run(stacked, reference, replies())
+    assert_same_state(got, want, **CLOSE[dtype])
+    assert set(streaming.base_deltas) == set(stacked.base_deltas)
+    for path in stacked.base_deltas:
+        torch.testing.assert_close(streaming.base_deltas[path], stacked.base_deltas[path], **CLOSE[dtype])
+    assert metrics["replies-accepted"] == 3 and metrics["rank"] == stacked_metrics["rank"]
+    assert "agg-error-rel-mean" not in metrics  # needs every reply at once
+    assert streaming.history[-1].accepted == [11, 12, 13]
+
+
+def test_streaming_rejects_bad_replies_and_goes_on():
+    reference, clients = make_round(tiny_bert(torch.bfloat16), 3, seed=12)
+    bad = [_raw_reply(content, 20 + i) for i, (_, content, _) in enumerate(_bad_replies(clients, reference))]
+    strategy = FedRotLoRA(aggregate_options={"clip_norm": 0.5})
+    got, metrics = _run(strategy, reference, [_reply(clients[0], 2, 1), *bad, _reply(clients[1], 4, 2)])
+    want = fedrot_ext.aggregate_state_dicts(clients[:2], reference=reference, weights=[2, 4], round=1, clip_norm=0.5)
+    assert_same_state(got, dict(want), **CLOSE[torch.bfloat16])
+    assert metrics["replies-rejected"] == len(bad) and strategy.history[-1].accepted == [1, 2]
+
+
+def test_streaming_choice():
+    assert not FedRotLoRA(method="flexlora").streaming
+    assert not FedRotLoRA(report_fedit_error=True).streaming
+    with pytest.raises(ValueError, match="streaming: method 'flexlora' needs all replies at once"):
+        FedRotLoRA(method="flexlora", streaming=True)
+    with pytest.raises(ValueError, match="streaming: report_fedit_error needs all replies"):
+        FedRotLoRA(report_fedit_error=True, streaming=True)
