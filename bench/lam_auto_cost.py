@@ -52,8 +52,11 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=None, help="glob over the config ids (default: the list above)")
     ap.add_argument("--align", default="A")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     ids = [c.id for c in shapes.select(map(shapes.parse, CONFIGS), args.configs)] if args.configs else list(CONFIGS)
     info = machine.machine_info(device)

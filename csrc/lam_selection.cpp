@@ -31,12 +31,24 @@ Tensor procrustes(const Tensor& M, double lam, bool allow_reflection) {
 }
 
 // (K, N, r, r): R(λ_k) = polar((1 − λ_k) I + λ_k R*) with R* the hard solution,
-// the same soft step as common/polar.h (λ = 0 gives I, λ = 1 gives R*).
-Tensor candidate_rotations(const Tensor& M, const Tensor& grid, bool allow_reflection) {
+// the same soft step as common/polar.h: λ = 0 gives I and λ = 1 gives R* without
+// a polar factor, so only the interior candidates (`soft`, their grid indices) cost one.
+Tensor candidate_rotations(const Tensor& M, at::ArrayRef<double> grid, const Tensor& soft, bool allow_reflection) {
   const Tensor hard = procrustes(M, 1.0, allow_reflection);
-  const Tensor g = grid.view({-1, 1, 1, 1});
   const Tensor eye = at::eye(M.size(-1), M.options());
-  return procrustes((1 - g) * eye + g * hard.unsqueeze(0), 1.0, allow_reflection);
+  Tensor solved;
+  if (soft.numel() > 0) {
+    const Tensor g = at::tensor(std::vector<double>(grid.begin(), grid.end()), at::kDouble)
+                         .to(M.device(), M.scalar_type()).index_select(0, soft).view({-1, 1, 1, 1});
+    solved = procrustes((1 - g) * eye + g * hard.unsqueeze(0), 1.0, allow_reflection);
+  }
+  std::vector<Tensor> out;
+  for (size_t k = 0, next = 0; k < grid.size(); ++k) {
+    if (grid[k] == 0.0) out.push_back(eye.expand_as(hard));
+    else if (grid[k] == 1.0) out.push_back(hard);
+    else out.push_back(solved[int64_t(next++)]);
+  }
+  return at::stack(out);
 }
 
 // Squared aggregation errors (K,) of one layer's candidates and ‖Z‖², in float64.
@@ -65,6 +77,10 @@ std::tuple<Tensor, Tensor> choose_lam(at::TensorList A, at::TensorList B, const 
   const Tensor grid_t = at::tensor(std::vector<double>(grid.begin(), grid.end()), at::kDouble)
                             .to(weights.device(), acc);
   const int64_t K = int64_t(grid.size());
+  std::vector<int64_t> interior;
+  for (size_t k = 0; k < grid.size(); ++k)
+    if (grid[k] != 0.0 && grid[k] != 1.0) interior.push_back(int64_t(k));
+  const Tensor soft = at::tensor(interior, at::kLong).to(weights.device());
   std::vector<Tensor> lam, errors;
   for (size_t l = 0; l < A.size(); ++l) {
     const int64_t N = A[l].size(0), r = A[l].size(1);
@@ -77,7 +93,7 @@ std::tuple<Tensor, Tensor> choose_lam(at::TensorList A, at::TensorList B, const 
       const Tensor rA = ref_of(ref_A, l, uses_A(align[l])), rB = ref_of(ref_B, l, uses_B(align[l]));
       if (rA.defined()) M = M + at::matmul(a, rA.to(acc).t());                  // A_i Āᵀ
       if (rB.defined()) M = M + at::matmul(b.transpose(1, 2), rB.to(acc));      // B_iᵀ B̄
-      R = candidate_rotations(M, grid_t, allow_reflection);
+      R = candidate_rotations(M, grid, soft, allow_reflection);
     }
     const Tensor T = a.reshape({N * r, a.size(2)});
     const Tensor S = b.permute({1, 0, 2}).reshape({b.size(1), N * r});
