@@ -87,3 +87,59 @@ def test_haar_rotation_is_special_orthogonal():
         R = haar_rotation(r, g)
         torch.testing.assert_close(R.T @ R, torch.eye(r, dtype=R.dtype), atol=1e-12, rtol=0)
         assert torch.linalg.det(R) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- the merge scenario
+@pytest.fixture(scope="module")
+def merge_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HOME", str(out / "hf_home"))
+    try:
+        import federated_finetune
+
+        argv = ["--scenario", "merge", "--clients", "3", "--train-size", "96", "--test-size", "48", "--max-length", "32",
+                "--merge-steps", "3", "--batch-size", "8", "--seeds", "0", "--alphas", "0.5", "--no-progress", "--out", str(out)]
+        results = federated_finetune.main(argv)
+    finally:
+        mp.undo()
+    return out, results
+
+
+def test_merge_scenario_evaluates_every_merge_and_every_client(merge_run):
+    from merge_scenario import MERGES
+
+    out, results = merge_run
+    (run,) = results["runs"]
+    merge = run["merge"]
+    assert set(merge["merges"]) == set(MERGES)
+    accuracies = [m["accuracy"] for m in merge["merges"].values()] + merge["client_accuracy"]
+    assert all(math.isclose(a * 48, round(a * 48), abs_tol=1e-9) for a in accuracies)  # 48 test texts
+    assert len(merge["client_accuracy"]) == 3 and merge["best_client"] == max(merge["client_accuracy"])
+    errors = {name: m["aggregation_error"] for name, m in merge["merges"].items()}
+    assert errors["merge_adapters"] < errors["fedit"], errors  # aligned to a common gauge before averaging
+    assert errors["peft_svd"] < 1.0, errors  # the rank-r truncation of Σ w_i B_i A_i
+    for name in ("results_merge.json", "table_merge.md", "merge_alpha0.5.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "results_merge.json").read_text())["summary"]
+
+
+def test_peft_merges_of_one_client_give_back_its_update():
+    """peft's merged adapter carries the clients' scaling in its factors; after the conversion to the
+    clients' convention, merging a single client (weight 1) must give back its own product B A."""
+    import fedrot_ext
+    from fl_loop import _snapshot
+    from fl_model import EncoderTask
+    from merge_scenario import _peft_merge
+
+    task = EncoderTask(5, 32)
+    model, _ = task.build(0, 4, 0.0)
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft initialises B to zero: give the adapter an update
+            p.data = torch.randn(p.shape, generator=g) * 0.01
+    state = _snapshot(model)
+    for kind in ("svd", "linear"):
+        merged = {**state, **_peft_merge(task, [state], [1.0], kind, 4, 0)}
+        worst = max(rel for _, rel in fedrot_ext.state_dict_aggregation_error([state], merged).values())
+        assert worst < 1e-5, f"{kind}: relative error {worst:.3g} (seed 0)"
