@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) python_examples/federated_finetune.py
+	$(PY) python_examples/federated_finetune.py --scenario merge
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -ra
