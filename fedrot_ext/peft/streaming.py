@@ -134,6 +134,9 @@ class StreamingAggregator:
                              "use fedrot_ext.aggregate_state_dicts for it")
         if summation not in SUMMATIONS:
             raise ValueError(f"summation: expected one of {SUMMATIONS}, got {summation!r}")
+        if isinstance(lam, str) and lam == "auto":
+            raise ValueError("lam: 'auto' needs every client at once (it scores each λ on all of them); use "
+                             "aggregate_state_dicts(..., lam='auto') instead of streaming")
         self._lam = check_lam(lam)
         initial = check_initial(initial)
         self._round = round

@@ -59,3 +59,41 @@ def test_streaming_choice():
         FedRotLoRA(method="flexlora", streaming=True)
     with pytest.raises(ValueError, match="streaming: report_fedit_error needs all replies"):
         FedRotLoRA(report_fedit_error=True, streaming=True)
+
+
+@pytest.mark.slow
+def test_streaming_round_memory_stays_flat_while_the_stacked_round_grows():
+    """A fresh process per mode, 40 replies of 6.3 MB: the streaming round's peak RSS growth over the replies
+    Flower already holds stays within a few replies' size; the stacked round's exceeds all of them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    result = {}
+    for mode in ("stream", "stack"):
+        out = subprocess.run([sys.executable, str(here / "flower_memory_probe.py"), mode, "40"], env=env, check=True,
+                             capture_output=True, text=True, timeout=600)
+        result[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\nFlower round memory: {result}")
+    total = result["stream"]["replies_MB"]
+    one_reply = total / result["stream"]["replies"]
+    # O(one client): the accumulators, one decoded reply and the encoded result, whatever the number of replies.
+    assert result["stream"]["peak_extra_MB"] < 8 * one_reply, result
+    assert result["stack"]["peak_extra_MB"] > total, result  # the contrast: the probe does see stacking
+
+
+def test_lam_auto_round_stacks_and_reports_the_chosen_lambda():
+    reference, clients = make_round(tiny_bert(torch.float32), 3, seed=13)
+    assert not FedRotLoRA(lam="auto").streaming
+    with pytest.raises(ValueError, match="streaming: lam='auto' needs all replies at once"):
+        FedRotLoRA(lam="auto", streaming=True)
+    strategy = FedRotLoRA(lam="auto")
+    got, metrics = _run(strategy, reference, [_reply(c, n, node) for c, n, node in zip(clients, (3, 5, 9), (1, 2, 3))])
+    want = fedrot_ext.aggregate_state_dicts(clients, reference=reference, weights=[3, 5, 9], round=1, lam="auto")
+    assert_same_state(got, dict(want))
+    chosen = list(want.lam.values())
+    assert metrics["lam-mean"] == pytest.approx(sum(chosen) / len(chosen))
+    assert metrics["lam-min"] == min(chosen) and metrics["lam-max"] == max(chosen)

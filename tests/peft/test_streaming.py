@@ -137,6 +137,8 @@ def test_aligning_pads_to_the_reference_rank_and_refuses_a_larger_one():
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="method: 'flexlora' needs all clients at once.*aggregate_state_dicts"):
         fedrot_ext.StreamingAggregator(method="flexlora")
+    with pytest.raises(ValueError, match="lam: 'auto' needs every client at once.*aggregate_state_dicts"):
+        fedrot_ext.StreamingAggregator(method="fedrot", lam="auto")
     with pytest.raises(ValueError, match="summation: expected one of"):
         fedrot_ext.StreamingAggregator(method="fedit", summation="pairwise")
     with pytest.raises(ValueError, match="reference: required to align"):
