@@ -130,19 +130,19 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _finish_merge(args, runs, out: Path, started: float, threads: int, device: str, data) -> dict:
-    from merge_scenario import merge_table, plot_merge, summarize_merge
+def _save(out: Path, suffix: str, args, runs, rows, table: str, plot, started: float, device: str, data) -> dict:
+    """Write results{suffix}.json, table{suffix}.md and the plots (`plot(results, out)`); print the table."""
+    import torch
 
-    rows = summarize_merge(runs)
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    config.update(torch_threads=threads, device=device, labels=list(data.labels), train_texts=len(data.train), test_texts=len(data.test))
+    config.update(torch_threads=torch.get_num_threads(), device=device, labels=list(data.labels), train_texts=len(data.train),
+                  test_texts=len(data.test))
     results = dict(config=config, runs=runs, summary=rows, total_seconds=time.perf_counter() - started)
-    (out / "results_merge.json").write_text(json.dumps(results, indent=1))
-    table = merge_table(rows)
-    (out / "table_merge.md").write_text(table + "\n")
-    plots = plot_merge(rows, out)
+    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
+    (out / f"table{suffix}.md").write_text(table + "\n")
+    plots = plot(results, out)
     print("\n" + table)
-    print(f"\nwrote {out / 'results_merge.json'}, {out / 'table_merge.md'}, " + ", ".join(map(str, plots))
+    print(f"\nwrote {out / f'results{suffix}.json'}, {out / f'table{suffix}.md'}, " + ", ".join(map(str, plots))
           + f" in {results['total_seconds']:.0f} s")
     return results
 
@@ -207,20 +207,12 @@ def main(argv=None) -> dict:
                 print(f"seed {seed} α={alpha:g} {method:>15}: best acc {max(history['accuracy']):.4f}, final {history['accuracy'][-1]:.4f}, "
                       f"mean agg. error {_mean_error(history):.3e} ({runs[-1]['seconds']:.0f} s)", flush=True)
     if args.scenario == "merge":
-        return _finish_merge(args, runs, out, started, torch.get_num_threads(), device, data)
-    rows = summarize(runs, args.methods)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    config["torch_threads"] = torch.get_num_threads()
-    config.update(device=device, labels=list(data.labels), train_texts=len(data.train), test_texts=len(data.test))
-    results = dict(config=config, runs=runs, summary=rows, total_seconds=time.perf_counter() - started)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown_table(rows)
-    (out / "table.md").write_text(table + "\n")
-    plots = plot_results(results, out)
-    print("\n" + table)
-    print(f"\nwrote {out / 'results.json'}, {out / 'table.md'}, " + ", ".join(map(str, plots)) + f" in {results['total_seconds']:.0f} s")
-    return results
+        from merge_scenario import merge_table, plot_merge, summarize_merge
 
+        rows = summarize_merge(runs)
+        return _save(out, "_merge", args, runs, rows, merge_table(rows), lambda results, out: plot_merge(rows, out), started, device, data)
+    rows = summarize(runs, args.methods)
+    return _save(out, "", args, runs, rows, markdown_table(rows), plot_results, started, device, data)
 
 if __name__ == "__main__":
     main()
