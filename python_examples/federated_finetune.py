@@ -40,6 +40,23 @@ PRESETS = {
 }
 
 
+def lam_arg(text: str):
+    """--lam: 'auto' or a float in [0, 1]."""
+    if text == "auto":
+        return text
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a float in [0, 1], got {text}")
+    return value
+
+
+def run_label(method: str, lam) -> str:
+    """The name a run is grouped and plotted under: the method, plus λ for fedrot at a λ other than the default 0.5."""
+    if method != "fedrot" or lam == 0.5:
+        return method
+    return f"{method} λ={lam if lam == 'auto' else f'{lam:g}'}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for everything below")
@@ -60,7 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float)
     p.add_argument("--rank", type=int, help="LoRA rank r (lora_alpha = 2r, dropout 0.05)")
-    p.add_argument("--lam", type=float, default=0.5, help="FedRot soft-rotation strength λ")
+    p.add_argument("--lam", type=lam_arg, default=0.5,
+                   help="FedRot soft-rotation strength λ in [0, 1], or 'auto' (per module and round, the λ of (0, .25, .5, .75, 1) "
+                        "with the smallest aggregation error; recorded per round in the history's 'lam')")
     p.add_argument("--schedule", default="alternate", choices=["alternate", "A", "B", "AB"], help="FedRot alignment schedule")
     p.add_argument("--server-opt", default="none", choices=["none", "avgm", "adam", "yogi", "adagrad"],
                    help="server optimizer after aggregation (fedrot_ext.ServerOptimizer; pseudo-gradient = aggregate - global)")
@@ -102,13 +121,16 @@ def _mean_error(history) -> float:
 
 
 def summarize(runs, methods):
-    """Per (α, method): best-round accuracy and mean aggregation error, mean ± std over seeds."""
+    """Per (α, method label): best-round accuracy and mean aggregation error, mean ± std over seeds.
+
+    `methods` are run labels (:func:`run_label`); a run without one (an older results file) goes by its method.
+    """
     import numpy as np
 
     rows = []
     for alpha in sorted({r["alpha"] for r in runs}):
         for method in methods:
-            sel = [r for r in runs if r["alpha"] == alpha and r["method"] == method]
+            sel = [r for r in runs if r["alpha"] == alpha and r.get("label", r["method"]) == method]
             if not sel:
                 continue
             best = np.array([max(r["history"]["accuracy"]) for r in sel])
@@ -201,7 +223,8 @@ def main(argv=None) -> dict:
             for method in args.methods:
                 t0 = time.perf_counter()
                 history = run_method(task, method, shards, test, cfg, desc=f"seed {seed} α={alpha:g} {method}", progress=not args.no_progress)
-                runs.append(dict(seed=seed, alpha=alpha, method=method, seconds=time.perf_counter() - t0, history=history,
+                runs.append(dict(seed=seed, alpha=alpha, method=method, label=run_label(method, args.lam), seconds=time.perf_counter() - t0,
+                                 history=history,
                                  client_sizes=[len(s) for s in shards_idx],
                                  client_labels=label_histogram(train_labels, shards_idx, len(data.labels))))
                 print(f"seed {seed} α={alpha:g} {method:>15}: best acc {max(history['accuracy']):.4f}, final {history['accuracy'][-1]:.4f}, "
@@ -211,8 +234,9 @@ def main(argv=None) -> dict:
 
         rows = summarize_merge(runs)
         return _save(out, "_merge", args, runs, rows, merge_table(rows), lambda results, out: plot_merge(rows, out), started, device, data)
-    rows = summarize(runs, args.methods)
+    rows = summarize(runs, [run_label(m, args.lam) for m in args.methods])
     return _save(out, "", args, runs, rows, markdown_table(rows), plot_results, started, device, data)
+
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ class RunConfig:
     fraction: float = 1.0  # share of clients sampled per round
     rank: int = 4
     dropout: float = 0.05
-    lam: float = 0.5
+    lam: Union[float, str] = 0.5  # or "auto": fedrot picks λ per module and round (history["lam"])
     schedule: str = "alternate"
     initial: str = "A"
     seed: int = 0
@@ -140,7 +140,8 @@ def run_method(task, method: str, shards: Sequence[Encoded], test: Encoded, cfg:
     ``local_steps`` steps on its shard, uploads its adapter state dict; the server
     aggregates (weights = shard sizes), records the aggregation error
     ‖Σ w_i B_i A_i − B̄ Ā‖ / ‖Σ w_i B_i A_i‖ (mean over LoRA modules) and evaluates the
-    new global model on the test split.
+    new global model on the test split. ``history["lam"]`` holds, per round, the λ each module
+    was aggregated with ({module: λ}; empty in rounds without alignment and for methods without λ).
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -153,7 +154,7 @@ def run_method(task, method: str, shards: Sequence[Encoded], test: Encoded, cfg:
     sizes = np.array([len(s) for s in shards], dtype=np.float64)
     personal: Dict[int, Dict[str, torch.Tensor]] = {}  # fedsa: each client's own B
     b_keys = [m.key_B for m in fedrot_ext.parse_lora_keys(global_state.keys())[0]]
-    history = {"accuracy": [], "aggregation_error": [], "train_loss": [], "aggregation_ms": [], "participants": [],
+    history = {"accuracy": [], "aggregation_error": [], "train_loss": [], "aggregation_ms": [], "participants": [], "lam": [],
                "initial_accuracy": evaluate(task, model, test, cfg.eval_batch_size)}
     bar = tqdm(range(cfg.rounds), desc=desc or method, position=position, leave=True, dynamic_ncols=True, disable=not progress)
     for t in bar:
@@ -179,6 +180,7 @@ def run_method(task, method: str, shards: Sequence[Encoded], test: Encoded, cfg:
         err_states, new_global = aggregate(method, states, global_state, weights, t, cfg, lora_config,
                                            torch.Generator().manual_seed(_seed(cfg.seed, t, 99)))
         history["aggregation_ms"].append((time.perf_counter() - start) * 1e3)
+        history["lam"].append(dict(getattr(new_global, "lam", {})))  # before the server step, which returns a new state
         if method == "fedsa":
             # The global model for evaluation: the shared A with the sample-weighted mean of the personal Bs.
             w = sizes[list(personal)] / sizes[list(personal)].sum()

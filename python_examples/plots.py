@@ -8,13 +8,19 @@ from typing import Dict, List
 import numpy as np
 
 COLORS = {"fedit": "tab:blue", "fedrot": "tab:red", "random_rotation": "tab:gray", "ffa": "tab:green", "rolora": "tab:purple",
-          "fedsa": "tab:brown", "flexlora": "tab:orange", "fedex": "tab:olive", "flora": "tab:cyan"}
+          "fedsa": "tab:brown", "flexlora": "tab:orange", "fedex": "tab:olive", "flora": "tab:cyan", "fedrot λ=auto": "tab:pink"}
 LABELS = {"fedit": "FedIT", "fedrot": "FedRot-LoRA", "random_rotation": "random rotation", "ffa": "FFA-LoRA", "rolora": "RoLoRA",
           "fedsa": "FedSA-LoRA", "flexlora": "FlexLoRA", "fedex": "FedEx-LoRA", "flora": "FLoRA"}
 
 
-def _curves(runs: List[dict], alpha: float, method: str, key: str) -> np.ndarray:
-    rows = [r["history"][key] for r in runs if r["alpha"] == alpha and r["method"] == method]
+def display_name(label: str) -> str:
+    """'fedrot' -> 'FedRot-LoRA', 'fedrot λ=auto' -> 'FedRot-LoRA (λ=auto)' (run labels of federated_finetune.run_label)."""
+    method, _, lam = label.partition(" ")
+    return LABELS.get(method, method) + (f" ({lam})" if lam else "")
+
+
+def _curves(runs: List[dict], alpha: float, label: str, key: str) -> np.ndarray:
+    rows = [r["history"][key] for r in runs if r["alpha"] == alpha and r.get("label", r["method"]) == label]
     return np.array(rows, dtype=np.float64)
 
 
@@ -29,16 +35,16 @@ def plot_results(results: Dict, out_dir: Path, prefix: str = "") -> List[Path]:
     paths = []
     for alpha in sorted({r["alpha"] for r in runs}):
         fig, (ax_acc, ax_err) = plt.subplots(1, 2, figsize=(10, 3.8))
-        for method in dict.fromkeys(r["method"] for r in runs):
-            color, label = COLORS.get(method), LABELS.get(method, method)
-            acc = _curves(runs, alpha, method, "accuracy")
+        for run_label in dict.fromkeys(r.get("label", r["method"]) for r in runs):
+            color, label = COLORS.get(run_label), display_name(run_label)
+            acc = _curves(runs, alpha, run_label, "accuracy")
             if acc.size == 0:
                 continue
             x = np.arange(1, acc.shape[1] + 1)
             mean, std = acc.mean(0), acc.std(0)
             ax_acc.plot(x, mean, color=color, label=f"{label} (n={acc.shape[0]})")
             ax_acc.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
-            err = _curves(runs, alpha, method, "aggregation_error")
+            err = _curves(runs, alpha, run_label, "aggregation_error")
             if np.isfinite(err).any():
                 err = np.where(err > 0, err, np.nan)  # exact rounds (e.g. round 1 of every method is not) cannot go on a log axis
                 with warnings.catch_warnings():

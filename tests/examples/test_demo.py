@@ -36,6 +36,26 @@ def demo_run(tmp_path_factory):
     return out, results
 
 
+def test_lam_auto_records_chosen_lam_per_round(tmp_path, monkeypatch):
+    import federated_finetune
+    from fedrot_ext import DEFAULT_LAM_GRID
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    argv = ["--methods", "fedrot", "--lam", "auto", "--clients", "2", "--fraction", "1", "--rounds", "2", "--local-steps", "1",
+            "--batch-size", "8", "--train-size", "32", "--test-size", "16", "--max-length", "16", "--seeds", "0", "--no-progress",
+            "--out", str(tmp_path)]
+    results = federated_finetune.main(argv)
+    (run,) = results["runs"]
+    assert run["method"] == "fedrot" and run["label"] == "fedrot λ=auto"
+    lam = run["history"]["lam"]
+    assert len(lam) == 2 and lam[0] == {}  # round 0 does not align
+    assert lam[1] and set(lam[1].values()) <= set(DEFAULT_LAM_GRID)
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["history"]["lam"] == lam
+    assert "fedrot λ=auto" in (tmp_path / "table.md").read_text()
+    with pytest.raises(SystemExit):
+        federated_finetune.parse_args(["--lam", "1.5"])
+
+
 def _history(results, method):
     (run,) = [r for r in results["runs"] if r["method"] == method]
     return run["history"]
