@@ -8,7 +8,9 @@ and leaves its strategy, result and every round's global adapter in :data:`RESUL
 
 Train config entries read by the client: ``save-dir`` (str), ``corrupt`` (str,
 "round:partition:kind;..." with kind "nan" or "shape"), ``client-side`` (bool: align
-before upload; the saved file is the unaligned adapter).
+before upload; the saved file is the unaligned adapter), ``dtype`` ("bf16" or "fp32").
+:data:`CLIENT_APPS` holds the ClientApp bare and under each of Flower's clipping mods
+(module-level, so that Ray workers import them rather than unpickle closures).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 from fedrot_ext.flower import FedRotLoRA, align_for_upload, make_train_reply, read_global, round_settings, state_dict_to_arrayrecord
 from helpers.peft_models import load_into, tiny_bert
 
-DTYPE = torch.bfloat16
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TRAIN_SIZES = (8, 12, 16)  # examples per partition: the aggregation weights
 RESULTS: dict = {}
 
@@ -65,16 +68,12 @@ def _local_training(model, partition: int, round_idx: int) -> float:
     return loss.item()
 
 
-client_app = ClientApp()
-
-
-@client_app.train()
 def train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
     config = msg.content["config"]
     settings = round_settings(config)
     global_state, _ = read_global(msg)
-    model = load_into(tiny_bert(DTYPE, seed=0), global_state)
+    model = load_into(tiny_bert(DTYPES[str(config.get("dtype", "bf16"))], seed=0), global_state)
     loss = _local_training(model, partition, settings.round)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     name = f"round{settings.round + 1}_node{context.node_id}.safetensors"
@@ -85,6 +84,16 @@ def train(msg: Message, context: Context) -> Message:
     return make_train_reply(msg, state, TRAIN_SIZES[partition], {"train-loss": loss})
 
 
+def _client_app(mods) -> ClientApp:
+    app = ClientApp(mods=list(mods))
+    app.train()(train)
+    return app
+
+
+CLIENT_APPS = {"none": _client_app([]), "fixed": _client_app([fixedclipping_mod]), "adaptive": _client_app([adaptiveclipping_mod])}
+client_app = CLIENT_APPS["none"]
+
+
 def make_server_app(num_rounds: int, train_config: dict, wrap=None, **strategy_kwargs) -> ServerApp:
     """A ServerApp running ``FedRotLoRA(**strategy_kwargs)`` on 3 nodes from the tiny model's adapter,
     or ``wrap(FedRotLoRA(...))`` (e.g. a Flower privacy wrapper) when ``wrap`` is given."""
@@ -92,7 +101,7 @@ def make_server_app(num_rounds: int, train_config: dict, wrap=None, **strategy_k
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        initial = get_peft_model_state_dict(tiny_bert(DTYPE, seed=0))
+        initial = get_peft_model_state_dict(tiny_bert(DTYPES[str(train_config.get("dtype", "bf16"))], seed=0))
         strategy = FedRotLoRA(fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3, **strategy_kwargs)
         globals_ = {}
 
@@ -104,6 +113,6 @@ def make_server_app(num_rounds: int, train_config: dict, wrap=None, **strategy_k
             grid=grid, initial_arrays=state_dict_to_arrayrecord(initial), num_rounds=num_rounds,
             train_config=ConfigRecord(train_config), evaluate_fn=keep_global,
         )
-        RESULTS.update(strategy=strategy, result=result, initial=initial, globals=globals_)
+        RESULTS.update(strategy=strategy, runner=runner, result=result, initial=initial, globals=globals_)
 
     return app

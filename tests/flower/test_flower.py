@@ -364,7 +364,7 @@ def _saved_replies(save_dir: Path, server_round: int, nodes):
     return states, weights
 
 
-def _simulate(tmp_path: Path, num_rounds: int, train_config: dict, **strategy_kwargs):
+def _simulate(tmp_path: Path, num_rounds: int, train_config: dict, client_mods: str = "none", **strategy_kwargs):
     from flwr.simulation import run_simulation
 
     import flower_sim_app
@@ -379,7 +379,7 @@ def _simulate(tmp_path: Path, num_rounds: int, train_config: dict, **strategy_kw
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            run_simulation(server_app=server_app, client_app=flower_sim_app.client_app, num_supernodes=3, backend_config=backend)
+            run_simulation(server_app=server_app, client_app=flower_sim_app.CLIENT_APPS[client_mods], num_supernodes=3, backend_config=backend)
     finally:
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)

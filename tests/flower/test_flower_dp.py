@@ -1,8 +1,9 @@
 """Flower's differential-privacy wrappers and mods around FedRotLoRA, in float32 and bfloat16.
 
 Each wrapper/mod pair runs through real Flower code (Strategy.start, the wrapper, the
-ClientApp with its mods) on the in-process Grid of flower_dp_app; one Ray simulation
-runs the issue's setup (server-side fixed clipping, noise 0.5, clip 1.0, bf16).
+ClientApp with its mods) on the in-process Grid of flower_dp_app. Ray simulations run the
+issue's setup (server-side fixed clipping, noise 0.5, clip 1.0, bf16) and every wrapper/mod pair
+in fp32 and bf16, checking the global against clipping recomputed from the clients' saved adapters.
 Norms are measured as Flower measures them: over every array of the record, as NumPy.
 """
 from __future__ import annotations
@@ -261,3 +262,42 @@ def test_ray_simulation_server_side_fixed_clipping_bf16(tmp_path):
     assert all(final[k].dtype == torch.bfloat16 and torch.isfinite(final[k]).all() for k in initial)
     assert any(not torch.equal(final[k], initial[k]) for k in _lora_keys(initial))
     print(f"\nRay simulation, server-side fixed clipping, bf16, 3 clients x 2 rounds: {seconds:.1f} s")
+
+
+CLIENT_MODS = {"server-fixed": "none", "server-adaptive": "none", "client-fixed": "fixed", "client-adaptive": "adaptive"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_ray_simulation_clips_the_lora_factors(tmp_path, kind, dtype_name):
+    """Each wrapper (with its client mod) around FedRotLoRA in a Ray simulation, noise 0, clip 0.05, 1 round:
+    the global equals FedRotLoRA's aggregate of the clients' own adapters (saved before any mod ran)
+    with each update clipped to norm 0.05 over all arrays, factors included, as Flower clips;
+    and it is far from the aggregate of the unclipped adapters."""
+    from test_flower import _saved_replies, _simulate
+
+    dtype = DTYPES[dtype_name]
+    wrap, _, _ = _wrap(kind, 0.0, CLIP)
+    strategy, result, g0, seconds = _simulate(tmp_path, 1, {"dtype": dtype_name}, client_mods=CLIENT_MODS[kind], wrap=wrap)
+    (summary,) = strategy.history
+    assert len(summary.accepted) == 3 and not summary.rejected and not summary.failed, summary
+    trained, weights = _saved_replies(tmp_path, 1, summary.accepted)
+    keys, clipped = list(g0), []
+    for own in trained:
+        norm = _torch_norm(own, g0, keys)
+        assert norm > 2 * CLIP, norm  # the clipping has work to do
+        assert _torch_norm(own, g0, _lora_keys(g0)) > CLIP / 2  # ... much of it on the factors
+        clipped.append({k: (g0[k].double() + (own[k].double() - g0[k].double()) * (CLIP / norm)).to(dtype) for k in keys})
+    expected = fedrot_ext.aggregate_state_dicts(clipped, reference=g0, weights=weights, round=0)
+    unclipped = fedrot_ext.aggregate_state_dicts(trained, reference=g0, weights=weights, round=0)
+    g1 = arrayrecord_to_state_dict(result.arrays, like=g0)
+    assert all(g1[k].dtype == dtype for k in keys)
+    for k in keys:  # Flower clips in float32; a bf16 value may round the other way (1 ulp)
+        ulp = 2.0 ** (torch.frexp(expected[k].float().abs().clamp_min(2.0 ** -126))[1].double() - (8 if dtype == torch.bfloat16 else 24))
+        bound = (ulp if dtype == torch.bfloat16 else 16 * ulp) + 1e-9
+        assert ((g1[k].double() - expected[k].double()).abs() <= bound).all(), k
+    moved, unclipped_moved = _torch_norm(g1, g0, keys), _torch_norm(unclipped, g0, keys)
+    assert moved <= CLIP * 1.05 and unclipped_moved > 2 * CLIP, (moved, unclipped_moved)  # convex combination of clipped
+    print(f"\nRay simulation, {kind} clipping, {dtype_name}, 3 clients x 1 round: {seconds:.1f} s, "
+          f"|g1-g0| = {moved:.4f} (unclipped {unclipped_moved:.4f}), |g1-expected| = {_torch_norm(g1, expected, keys):.2e}")
