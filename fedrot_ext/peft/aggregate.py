@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .._checks import check_lam_or_auto, normalized_weights, overflow_error
+from .._checks import check_lam_or_auto, layer_lams, normalized_weights, overflow_error
 from .._ops import accumulate_dtype, fused_align_aggregate
 from .._stacking import pad_rank
 from .._types import align_uses, module_align
@@ -89,7 +89,7 @@ def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], la
         ref = lambda m, f: pad_rank((refs.A, refs.B)[f][m], A[m].shape[1], f) if align_uses(aligns[m])[f] else None  # noqa: E731
         out_A, out_B, _, status, lam_t = fused_align_aggregate(
             _pick(A, idx), _pick(B, idx), [ref(m, 0) for m in idx], [ref(m, 1) for m in idx], _on(w, A[idx[0]]),
-            modes, lam, allow_reflection,
+            modes, layer_lams(lam, len(idx)), allow_reflection,
         )
         statuses.append(status)
         return zip(out_A, out_B, lam_t.split(1))
@@ -98,10 +98,17 @@ def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], la
     return new_A, new_B, statuses, lams
 
 
-def _check_overflow(statuses, A) -> None:
-    """The clients are finite (screened), so a set status flag means a half-precision overflow."""
-    if statuses and bool(torch.cat([s.to(statuses[0].device) for s in statuses]).any()):
+def _check_overflow(statuses, A, lams=()) -> list:
+    """One host read of the op's status flags and of `lams` (device tensors); returns the λ values.
+
+    The clients are finite (screened), so a set status flag means a half-precision overflow."""
+    parts = [*statuses, *lams]
+    if not parts:
+        return []
+    values = torch.cat([t.to(parts[0].device, torch.float64) for t in parts]).tolist()
+    if any(values[:len(statuses)]):
         raise overflow_error("client_states", {a.dtype for a in A})
+    return values[len(statuses):]
 
 
 def _flexlora(A, B, w):
@@ -218,11 +225,10 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     if frozen:
         copies = _frozen_copies(spec, batch, A, B, round, frozen)
         new_A, new_B = (copies, new_B) if frozen == "A" else (new_A, copies)
-    _check_overflow(statuses, A)
+    chosen = _check_overflow(statuses, A, lams if lam == "auto" else ())
     lam_used = {}
     if align != "none" and lams:
-        values = torch.cat([t.cpu() for t in lams]).tolist() if lam == "auto" else [lam] * len(lams)
-        lam_used = dict(zip((m.name for m in batch.modules), values))
+        lam_used = dict(zip((m.name for m in batch.modules), chosen if lam == "auto" else [lam] * len(lams)))
     if policy.noise_multiplier > 0:  # before fedex's residual, which is exact for the factors sent
         new_A, new_B = add_factor_noise(new_A, new_B, spec.noised_factors(frozen), policy, w)
     base_deltas = _dense_updates(spec, batch, A, B, new_A, new_B, w, lora_config, scalings) if spec.dense else {}

@@ -163,3 +163,23 @@ def test_peft_merges_of_one_client_give_back_its_update():
         merged = {**state, **_peft_merge(task, [state], [1.0], kind, 4, 0)}
         worst = max(rel for _, rel in fedrot_ext.state_dict_aggregation_error([state], merged).values())
         assert worst < 1e-5, f"{kind}: relative error {worst:.3g} (seed 0)"
+
+
+def test_paper_scenario_defaults_and_runs(tmp_path, monkeypatch):
+    """--scenario paper: the authors' local regime (SGD, 10 local steps, 10 clients, full participation)
+    and one run each of FedIT, FedRot at λ = 0.5 and at λ = "auto"; command-line values still win."""
+    import federated_finetune
+
+    args = federated_finetune.parse_args(["--scenario", "paper"])
+    assert (args.optimizer, args.local_steps, args.clients, args.fraction) == ("sgd", 10, 10, 1.0)
+    assert federated_finetune.method_runs(args.methods, args.lam) == [("fedit", 0.5), ("fedrot", 0.5), ("fedrot", "auto")]
+    assert federated_finetune.parse_args(["--scenario", "paper", "--local-steps", "20"]).local_steps == 20
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    argv = ["--scenario", "paper", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "4", "--train-size", "32",
+            "--test-size", "16", "--max-length", "16", "--seeds", "0", "--no-progress", "--out", str(tmp_path)]
+    results = federated_finetune.main(argv)
+    assert [r["label"] for r in results["runs"]] == ["fedit", "fedrot", "fedrot λ=auto"]
+    assert results["config"]["optimizer"] == "sgd" and results["config"]["lam"] == [0.5, "auto"]
+    assert [r["method"] for r in results["summary"]] == ["fedit", "fedrot", "fedrot λ=auto"]
+    auto = results["runs"][2]["history"]["lam"]
+    assert auto[0] == {} and auto[1]  # round 0 does not align; round 1 records λ per module

@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; the sandbox has no network
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # No importorskip: the Flower tests (Ray simulation included) must run wherever the suite runs;
 # `make test` installs the [flower] extra (flwr[simulation]).
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from safetensors.torch import load_file, safe_open  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from safetensors.torch import load_file, safe_open
 
-import fedrot_ext  # noqa: E402
-from fedrot_ext.flower import (  # noqa: E402
+import fedrot_ext
+from fedrot_ext.flower import (
     BASE_DELTAS_KEY,
     RAW_STYPE,
     FedRotLoRA,
@@ -35,7 +33,7 @@ from fedrot_ext.flower import (  # noqa: E402
     round_settings,
     state_dict_to_arrayrecord,
 )
-from helpers.peft_models import assert_same_state as _assert_same, bert_lora_config, make_round, tiny_bert, to_device  # noqa: E402
+from helpers.peft_models import assert_same_state as _assert_same, bert_lora_config, make_round, tiny_bert, to_device
 
 REPO = Path(__file__).resolve().parents[2]
 BF16_ULP = dict(rtol=8e-3, atol=8e-3)  # client-side placement rounds each aligned client to bf16 once more: <= 1 ulp

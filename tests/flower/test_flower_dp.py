@@ -8,27 +8,22 @@ Norms are measured as Flower measures them: over every array of the record, as N
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; the sandbox has no network
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
-from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod  # noqa: E402
-from flwr.serverapp.strategy import (  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
+from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # noqa: E402
-from peft import get_peft_model_state_dict  # noqa: E402
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from peft import get_peft_model_state_dict
 
-import fedrot_ext  # noqa: E402
-from fedrot_ext.flower import (  # noqa: E402
+import fedrot_ext
+from fedrot_ext.flower import (
     RAW_STYPE,
     FedRotLoRA,
     arrayrecord_to_state_dict,
@@ -36,8 +31,8 @@ from fedrot_ext.flower import (  # noqa: E402
     read_global,
     state_dict_to_arrayrecord,
 )
-from flower_dp_app import run_in_process  # noqa: E402
-from helpers.peft_models import tiny_bert  # noqa: E402
+from flower_dp_app import run_in_process
+from helpers.peft_models import tiny_bert
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CLIP = 0.05  # well under the clients' unclipped update norms (about 0.2 to 0.6), so clipping binds

@@ -5,13 +5,10 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-import fedrot_ext  # noqa: E402
-from fedrot_ext.flower import FedRotLoRA, arrayrecord_to_state_dict  # noqa: E402
-from helpers.peft_models import assert_same_state, bert_lora_config, make_round, tiny_bert  # noqa: E402
-from test_flower import _bad_replies, _raw_reply, _reply, _sent  # noqa: E402
+import fedrot_ext
+from fedrot_ext.flower import FedRotLoRA, arrayrecord_to_state_dict
+from helpers.peft_models import assert_same_state, bert_lora_config, make_round, tiny_bert
+from test_flower import _bad_replies, _raw_reply, _reply, _sent
 
 CLOSE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}  # bf16: one ulp
 

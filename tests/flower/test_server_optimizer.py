@@ -1,16 +1,11 @@
 """FedRotLoRA(server_optimizer=...): the global adapter moves by the optimizer's step, round after round."""
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-import fedrot_ext  # noqa: E402
-from fedrot_ext.flower import FedRotLoRA, arrayrecord_to_state_dict  # noqa: E402
-from helpers.peft_models import assert_same_state, make_round, tiny_bert  # noqa: E402
-from test_flower import _reply, _sent  # noqa: E402
+import fedrot_ext
+from fedrot_ext.flower import FedRotLoRA, arrayrecord_to_state_dict
+from helpers.peft_models import assert_same_state, make_round, tiny_bert
+from test_flower import _reply, _sent
 
 
 @pytest.mark.parametrize("kind", ["adam", "avgm"])
