@@ -10,7 +10,6 @@ fused op's ~N·r²·(2·in + out), so the ratio grows with N·r; the table says 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,8 +20,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fedrot_ext` 
 import torch
 
 import fedrot_ext
-from bench import machine, shapes
-from bench.timing import spread, time_calls
+from bench import cli, machine, shapes
+from bench.timing import median_ms
 
 CONFIGS = (
     "roberta-large-qv_N10_r4_fp32", "roberta-large-qv_N10_r16_fp32", "roberta-large-qv_N10_r64_fp32",
@@ -31,33 +30,22 @@ CONFIGS = (
 )
 
 
-def median_ms(fn, device, repeats: int) -> float:
-    return spread(time_calls(fn, device, warmup=1, repeats=repeats, min_repeats=3, max_s=60.0))["median_s"] * 1e3
-
-
 def run(config_id: str, device: torch.device, repeats: int, align: str) -> dict:
     cfg = shapes.parse(config_id)
     inp = shapes.make_inputs(cfg, device, seed=0)
     call = lambda lam: fedrot_ext.align_and_aggregate(inp.A, inp.B, **inp.kwargs(), align=align, lam=lam)  # noqa: E731
-    fixed = median_ms(lambda k: call(0.5), device, repeats)
-    auto = median_ms(lambda k: call("auto"), device, repeats)
+    fixed = median_ms(lambda k: call(0.5), device, repeats, max_s=60.0)
+    auto = median_ms(lambda k: call("auto"), device, repeats, max_s=60.0)
     chosen = call("auto").lam
     return {"config": config_id, "align": align, "fixed_ms": fixed, "auto_ms": auto, "ratio": auto / fixed,
             "lam_chosen": sorted(set(chosen))}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--configs", default=None, help="glob over the config ids (default: the list above)")
+    ap = cli.parser(__doc__, "glob over the config ids (default: the list above)")
     ap.add_argument("--align", default="A")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = cli.start(args)
     ids = [c.id for c in shapes.select(map(shapes.parse, CONFIGS), args.configs)] if args.configs else list(CONFIGS)
     info = machine.machine_info(device)
     rows = []

@@ -12,7 +12,6 @@ the total against the whole call's floor as in run_bench.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -24,8 +23,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fedrot_ext` 
 import torch
 
 import fedrot_ext
-from bench import machine, shapes
-from bench.timing import spread, time_calls
+from bench import cli, machine, shapes
+from bench.timing import median_ms
 from bench.torch_impls import torch_batched
 
 CONFIGS = (
@@ -36,15 +35,11 @@ IMPLS = {"fused": fedrot_ext.align_and_aggregate, "batched": torch_batched}
 PHASES = ("aggregation", "covariance", "rotations")
 
 
-def _median_ms(fn, device, repeats: int) -> float:
-    return spread(time_calls(fn, device, warmup=1, repeats=repeats, min_repeats=3, max_s=30.0))["median_s"] * 1e3
-
-
 def phase_floors_ms(cfg: shapes.Config, align: str, lam: float, ceil: dict) -> dict:
     """Roofline floor of each phase in ms: FMAs at the GEMM rate; aggregation also bytes at copy bandwidth."""
     gemm = ceil["mm_GFLOPs"] * 1e9
     agg_bytes = shapes.bytes_moved(cfg, "none")  # the client factors read once, the outputs written once
-    agg = max(agg_bytes / (ceil["copy_GBps"] * 1e9), (shapes.flops(cfg, "none", 0.0)) / gemm)
+    agg = max(agg_bytes / (ceil["copy_GBps"] * 1e9), shapes.flops(cfg, "none", 0.0) / gemm)
     cov = (shapes.flops(cfg, align, 0.0) - shapes.flops(cfg, "none", 0.0)) / gemm
     rot = (shapes.flops(cfg, align, lam) - shapes.flops(cfg, align, 0.0)) / gemm
     total = max(shapes.bytes_moved(cfg, align) / (ceil["copy_GBps"] * 1e9), shapes.flops(cfg, align, lam) / gemm)
@@ -59,8 +54,8 @@ def run(config_id: str, device: torch.device, repeats: int, align: str, lam: flo
     row = {"config": config_id, "align": align, "lam": lam, "floor_ms": floors}
     for impl, f in IMPLS.items():
         def timed(mode, lam_):
-            return _median_ms(lambda k: f(sets[k % len(sets)].A, sets[k % len(sets)].B, **sets[k % len(sets)].kwargs(),
-                                          align=mode, lam=lam_), device, repeats)
+            return median_ms(lambda k: f(sets[k % len(sets)].A, sets[k % len(sets)].B, **sets[k % len(sets)].kwargs(),
+                                         align=mode, lam=lam_), device, repeats, max_s=30.0)
 
         none, zero, full = timed("none", 0.0), timed(align, 0.0), timed(align, lam)
         ms = {"aggregation": none, "covariance": zero - none, "rotations": full - zero, "total": full}
@@ -82,18 +77,11 @@ def markdown(rows) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--configs", default=None, help="comma-separated config ids or globs over the sweep's (default: the list above)")
+    ap = cli.parser(__doc__, "comma-separated config ids or globs over the sweep's (default: the list above)")
     ap.add_argument("--align", default="A", choices=["A", "B", "AB"])
     ap.add_argument("--lam", type=float, default=0.5)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = cli.start(args)
     configs = [shapes.parse(c) for c in CONFIGS] if not args.configs else [
         c for pattern in args.configs.split(",")
         for c in (shapes.select(shapes.sweep(), pattern) if any(ch in pattern for ch in "*?[") else [shapes.parse(pattern)])]

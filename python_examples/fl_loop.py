@@ -8,7 +8,7 @@ difference between methods is the aggregation.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -41,9 +41,6 @@ class RunConfig:
     device: str = "cpu"
     server_opt: str = "none"  # "none" (the aggregate is the new global) or a fedrot_ext.ServerOptimizer kind
     server_lr: Optional[float] = None  # None: Flower's default for the kind
-
-    def as_dict(self):
-        return asdict(self)
 
 
 def _seed(*parts: int) -> int:

@@ -16,6 +16,7 @@ aggregation error ‖Σ w_i B_i A_i − B̄Ā‖ / ‖Σ w_i B_i A_i‖ (mean ov
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -83,7 +84,7 @@ def _relative_error(states, merged, weights) -> float:
 def run_merge(task, shards, test, cfg: RunConfig, merge_steps: int, *, desc: str = "merge", progress: bool = True) -> dict:
     """Train every client from its own initialisation, merge once, evaluate every merge and every client."""
     states, alone = [], []
-    local = RunConfig(**{**cfg.as_dict(), "local_steps": merge_steps})
+    local = dataclasses.replace(cfg, local_steps=merge_steps)
     for i in tqdm(range(len(shards)), desc=f"{desc}: local training", disable=not progress, dynamic_ncols=True):
         model, _ = task.build(_seed(cfg.seed, 1000 + i), cfg.rank, cfg.dropout)  # the client's own LoRA and head init
         model.to(cfg.device)

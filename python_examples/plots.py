@@ -13,6 +13,11 @@ LABELS = {"fedit": "FedIT", "fedrot": "FedRot-LoRA", "random_rotation": "random 
           "fedsa": "FedSA-LoRA", "flexlora": "FlexLoRA", "fedex": "FedEx-LoRA", "flora": "FLoRA"}
 
 
+def label_of(run: Dict) -> str:
+    """A run's label (federated_finetune.run_label); results files written before run labels: its method."""
+    return run.get("label", run["method"])
+
+
 def display_name(label: str) -> str:
     """'fedrot' -> 'FedRot-LoRA', 'fedrot λ=auto' -> 'FedRot-LoRA (λ=auto)' (run labels of federated_finetune.run_label)."""
     method, _, lam = label.partition(" ")
@@ -20,7 +25,7 @@ def display_name(label: str) -> str:
 
 
 def _curves(runs: List[dict], alpha: float, label: str, key: str) -> np.ndarray:
-    rows = [r["history"][key] for r in runs if r["alpha"] == alpha and r.get("label", r["method"]) == label]
+    rows = [r["history"][key] for r in runs if r["alpha"] == alpha and label_of(r) == label]
     return np.array(rows, dtype=np.float64)
 
 
@@ -35,7 +40,7 @@ def plot_results(results: Dict, out_dir: Path, prefix: str = "") -> List[Path]:
     paths = []
     for alpha in sorted({r["alpha"] for r in runs}):
         fig, (ax_acc, ax_err) = plt.subplots(1, 2, figsize=(10, 3.8))
-        for run_label in dict.fromkeys(r.get("label", r["method"]) for r in runs):
+        for run_label in dict.fromkeys(map(label_of, runs)):
             color, label = COLORS.get(run_label), display_name(run_label)
             acc = _curves(runs, alpha, run_label, "accuracy")
             if acc.size == 0:

@@ -17,11 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from federated_finetune import markdown_table, summarize  # noqa: E402
-from plots import plot_results  # noqa: E402
-
-
-def _label(run) -> str:
-    return run.get("label", run["method"])  # results files written before run labels: the method
+from plots import label_of as _label, plot_results  # noqa: E402
 
 
 def paired_differences(runs, a="fedrot", b="fedit"):
@@ -67,7 +63,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     loaded = [json.loads(p.read_text()) for p in args.results]
     runs = [r for res in loaded for r in res["runs"]]
-    methods = list(dict.fromkeys(r.get("label", r["method"]) for r in runs))
+    methods = list(dict.fromkeys(map(_label, runs)))
     args.out.mkdir(parents=True, exist_ok=True)
     plots = plot_results({"runs": runs}, args.out, prefix="federated_")
     lines = [markdown_table(summarize(runs, methods)), "",

@@ -69,10 +69,15 @@ def _torch_norm(a, b, keys) -> float:
     return float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)))
 
 
+def _ulps(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One ulp of each value of `t` in `dtype` (bf16: 8 significand bits, fp32: 24), as float64."""
+    bits = 8 if dtype == torch.bfloat16 else 24
+    return 2.0 ** (torch.frexp(t.float().abs().clamp_min(2.0 ** -126))[1].double() - bits)
+
+
 def _ulp_norm(state, keys) -> float:
     """‖one bf16 ulp of each value‖: the rounding a bf16 adapter adds when it takes a clipped float32 update."""
-    exps = [torch.frexp(state[k].float().abs().clamp_min(2.0 ** -126))[1] for k in keys]
-    return float(torch.sqrt(sum(((2.0 ** (e.double() - 8)) ** 2).sum() for e in exps)))
+    return float(torch.sqrt(sum((_ulps(state[k], torch.bfloat16) ** 2).sum() for k in keys)))
 
 
 def _clip_in_force(kind, grid, server_round: int, msg) -> float:
@@ -289,7 +294,7 @@ def test_ray_simulation_clips_the_lora_factors(tmp_path, kind, dtype_name):
     g1 = arrayrecord_to_state_dict(result.arrays, like=g0)
     assert all(g1[k].dtype == dtype for k in keys)
     for k in keys:  # Flower clips in float32; a bf16 value may round the other way (1 ulp)
-        ulp = 2.0 ** (torch.frexp(expected[k].float().abs().clamp_min(2.0 ** -126))[1].double() - (8 if dtype == torch.bfloat16 else 24))
+        ulp = _ulps(expected[k], dtype)
         bound = (ulp if dtype == torch.bfloat16 else 16 * ulp) + 1e-9
         assert ((g1[k].double() - expected[k].double()).abs() <= bound).all(), k
     moved, unclipped_moved = _torch_norm(g1, g0, keys), _torch_norm(unclipped, g0, keys)
