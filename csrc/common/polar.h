@@ -1,18 +1,16 @@
 // Header-only per-matrix math shared by the CPU and CUDA paths: the r×r
-// polar factor by one-sided Jacobi SVD, the determinant fix and the soft
-// rotation step. CPU tests therefore exercise the exact code the GPU runs.
+// polar factor (scaled Newton, common/newton_polar.h, with one-sided Jacobi
+// SVD as the exact fallback), the determinant fix and the soft rotation step.
+// CPU tests therefore exercise the exact code the GPU runs.
 //
 // Matrices are dense row-major with a compile-time row stride R (the rank
 // bucket) and a runtime active size n <= R.
 #pragma once
 
 #include "common/host_device.h"
+#include "common/newton_polar.h"
 
 namespace fedrot {
-
-template <typename T> struct Eps;
-template <> struct Eps<float> { static constexpr float value = 1.1920929e-07f; };
-template <> struct Eps<double> { static constexpr double value = 2.220446049250313e-16; };
 
 // Jacobi stops when every column pair has |cos angle| below n·eps, usually
 // after 5-8 sweeps; the cap only bounds work on pathological (NaN) input.
@@ -146,10 +144,12 @@ FR_HD int det_sign(const T* X, T* S, int n) {
 }
 
 // One Björck step X <- X + X (I - XᵀX) / 2: Jacobi stops at |cos| ~ n·eps
-// between columns, this brings X to orthogonality at working precision
-// (quadratic convergence) without changing det X or the solution.
-template <typename T, int R>
-FR_HD void refine_orthogonality(T* X, T* E, T* row, int n) {
+// between columns and Newton at singular values within sqrt(eps) of 1; this
+// brings X to orthogonality at working precision (quadratic convergence)
+// without changing det X or the solution.
+template <typename T, int R, int C>
+FR_HD void refine_orthogonality(T* X, T* E, T* row, int n_runtime) {
+  const int n = C ? C : n_runtime;  // C: compile-time size, as in newton_polar.h
   for (int a = 0; a < n; ++a)
     for (int b = 0; b < n; ++b) E[a * R + b] = a == b ? T(1) : T(0);
   for (int k = 0; k < n; ++k)
@@ -167,20 +167,21 @@ FR_HD void refine_orthogonality(T* X, T* E, T* row, int n) {
   }
 }
 
-// Scratch for one polar factor: three R×R matrices and R singular values.
+// Scratch for one polar factor: three R×R matrices, R singular values and
+// R pivot indices.
 template <typename T, int R>
 struct PolarScratch {
-  T W[R * R];  // column storage
-  T V[R * R];  // column storage
+  T W[R * R];  // column storage (Jacobi)
+  T V[R * R];  // column storage (Jacobi)
   T S[R * R];
   T sigma[R];
+  int perm[R];
 };
 
-// Out = U Vᵀ from M = U Σ Vᵀ: the orthogonal matrix maximising tr(Outᵀ M).
-// Without reflections, the pair with the smallest singular value is flipped
-// when det(U Vᵀ) < 0, giving the SO(r) maximiser. M (row-major) is not modified.
+// The Jacobi-SVD path of polar_factor below: exact for any M, including
+// rank-deficient ones and near ties of the two smallest singular values.
 template <typename T, int R>
-FR_HD void polar_factor(const T* M, T* Out, int n, bool allow_reflection, PolarScratch<T, R>& s) {
+FR_HD void jacobi_polar_factor(const T* M, T* Out, int n, bool allow_reflection, PolarScratch<T, R>& s) {
   for (int j = 0; j < n; ++j)
     for (int k = 0; k < n; ++k) s.W[j * R + k] = M[k * R + j];
   jacobi_orthogonalize<T, R>(s.W, s.V, n);
@@ -216,7 +217,28 @@ FR_HD void polar_factor(const T* M, T* Out, int n, bool allow_reflection, PolarS
     for (int a = 0; a < n; ++a)
       for (int b = 0; b < n; ++b) Out[a * R + b] -= T(2) * u[a] * v[b];
   }
-  refine_orthogonality<T, R>(Out, s.S, s.sigma, n);
+  refine_orthogonality<T, R, 0>(Out, s.S, s.sigma, n);
+}
+
+// Out = U Vᵀ from M = U Σ Vᵀ: the orthogonal matrix maximising tr(Outᵀ M).
+// Without reflections, the pair with the smallest singular value is flipped
+// when det(U Vᵀ) < 0, giving the SO(r) maximiser. M (row-major) is not modified.
+// Newton first; Jacobi where Newton cannot vouch for its result.
+template <typename T, int R, int C>
+FR_HD bool newton_polar_factor(const T* M, T* Out, int n, bool allow_reflection, PolarScratch<T, R>& s) {
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) Out[a * R + b] = M[a * R + b];
+  int det_sign = 1;
+  if (!newton_polar<T, R, C>(Out, s.W, s.perm, n, &det_sign)) return false;
+  refine_orthogonality<T, R, C>(Out, s.S, s.sigma, n);
+  return allow_reflection || det_sign > 0 || flip_smallest_pair<T, R, C>(M, Out, s.S, s.W, s.sigma, s.V, s.perm, n);
+}
+
+template <typename T, int R>
+FR_HD void polar_factor(const T* M, T* Out, int n, bool allow_reflection, PolarScratch<T, R>& s) {
+  const bool done = n == R ? newton_polar_factor<T, R, R>(M, Out, n, allow_reflection, s)
+                           : newton_polar_factor<T, R, 0>(M, Out, n, allow_reflection, s);
+  if (!done) jacobi_polar_factor<T, R>(M, Out, n, allow_reflection, s);
 }
 
 // Soft orthogonal Procrustes (docs/METHOD.md, steps 2-4): Rot = polar((1-λ) I + λ R*)

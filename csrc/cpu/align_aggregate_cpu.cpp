@@ -49,39 +49,75 @@ const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
   return static_cast<const acc_t*>(p.coef) + (int64_t(layer) * p.num_clients + client) * R * R;
 }
 
+// Rows of t per cache block of the covariance kernels: the block of x and y
+// (≤ 2 · 64 · 512 · 4 bytes) stays in L2 while all (j, k) tiles reuse it.
+constexpr int64_t kCovarianceBlock = 512;
+
 // A factors (t contiguous): M[j][k] = Σ_t x[j][t] y[k][t], 4×4 blocks of
-// (j, k) with vector accumulators over t. Rows past n alias row 0 and are dropped.
+// (j, k) with vector accumulators over t, one cache block of t at a time.
+// Rows past n alias row 0 and are dropped.
 template <typename scalar_t, typename acc_t, int R>
 void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, int n, acc_t* M) {
   using S = Simd<acc_t, 32>;
   using V = typename S::type;
   constexpr int L = S::lanes, JB = 4;
-  for (int j0 = 0; j0 < n; j0 += JB)
-    for (int k0 = 0; k0 < n; k0 += JB) {
-      const scalar_t *xr[JB], *yr[JB];
-      for (int b = 0; b < JB; ++b) {
-        xr[b] = x + (j0 + b < n ? j0 + b : 0) * sx;
-        yr[b] = y + (k0 + b < n ? k0 + b : 0) * sy;
-      }
-      V acc[JB][JB] = {};
-      int64_t t = 0;
-      for (; t + L <= T; t += L) {
-        V xv[JB], yv[JB];
+  for (int64_t tb = 0; tb < T; tb += kCovarianceBlock) {
+    const int64_t te = std::min(T, tb + kCovarianceBlock);
+    for (int j0 = 0; j0 < n; j0 += JB)
+      for (int k0 = 0; k0 < n; k0 += JB) {
+        const scalar_t *xr[JB], *yr[JB];
         for (int b = 0; b < JB; ++b) {
-          xv[b] = load_lanes<V, scalar_t, L>(xr[b] + t);
-          yv[b] = load_lanes<V, scalar_t, L>(yr[b] + t);
+          xr[b] = x + (j0 + b < n ? j0 + b : 0) * sx;
+          yr[b] = y + (k0 + b < n ? k0 + b : 0) * sy;
         }
-        for (int a = 0; a < JB; ++a)
-          for (int b = 0; b < JB; ++b) acc[a][b] += xv[a] * yv[b];
+        V acc[JB][JB] = {};
+        int64_t t = tb;
+        for (; t + L <= te; t += L) {
+          V xv[JB], yv[JB];
+          for (int b = 0; b < JB; ++b) {
+            xv[b] = load_lanes<V, scalar_t, L>(xr[b] + t);
+            yv[b] = load_lanes<V, scalar_t, L>(yr[b] + t);
+          }
+          for (int a = 0; a < JB; ++a)
+            for (int b = 0; b < JB; ++b) acc[a][b] += xv[a] * yv[b];
+        }
+        for (int a = 0; a < JB && j0 + a < n; ++a)
+          for (int b = 0; b < JB && k0 + b < n; ++b) {
+            acc_t sum = 0;
+            for (int q = 0; q < L; ++q) sum += acc[a][b][q];
+            for (int64_t u = t; u < te; ++u) sum += static_cast<acc_t>(xr[a][u]) * static_cast<acc_t>(yr[b][u]);
+            M[(j0 + a) * R + k0 + b] += sum;
+          }
       }
-      for (int a = 0; a < JB && j0 + a < n; ++a)
-        for (int b = 0; b < JB && k0 + b < n; ++b) {
-          acc_t sum = 0;
-          for (int q = 0; q < L; ++q) sum += acc[a][b][q];
-          for (int64_t u = t; u < T; ++u) sum += static_cast<acc_t>(xr[a][u]) * static_cast<acc_t>(yr[b][u]);
-          M[(j0 + a) * R + k0 + b] += sum;
+  }
+}
+
+// B factors (j contiguous) at full rank n = R: M[j][k] = Σ_t x[t][j] y[t][k],
+// tiles of JB rows × JV vectors of M (12 accumulators) over one cache block of t,
+// x and y read in place.
+template <typename scalar_t, typename acc_t, int R>
+void covariance_j_contiguous_full(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, acc_t* M) {
+  using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
+  using V = typename S::type;
+  constexpr int L = S::lanes, U = R / L, JV = U < 4 ? U : 4, JB = 12 / JV < R ? 12 / JV : R;
+  for (int64_t tb = 0; tb < T; tb += kCovarianceBlock) {
+    const int64_t te = std::min(T, tb + kCovarianceBlock);
+    for (int j0 = 0; j0 < R; j0 += JB)
+      for (int k0 = 0; k0 < R; k0 += JV * L) {
+        V acc[JB][JV] = {};
+        for (int64_t t = tb; t < te; ++t) {
+          V yv[JV];
+          for (int u = 0; u < JV; ++u) yv[u] = load_lanes<V, scalar_t, L>(y + t * sy + k0 + u * L);
+          for (int a = 0; a < JB; ++a) {
+            const acc_t xa = j0 + a < R ? static_cast<acc_t>(x[t * sx + (j0 + a < R ? j0 + a : 0)]) : acc_t(0);
+            for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
+          }
         }
-    }
+        for (int a = 0; a < JB && j0 + a < R; ++a)
+          for (int u = 0; u < JV; ++u)
+            for (int q = 0; q < L; ++q) M[(j0 + a) * R + k0 + u * L + q] += acc[a][u][q];
+      }
+  }
 }
 
 // B factors (j contiguous): M[j][k] = Σ_t x[t][j] y[t][k], JB rows of M held in
@@ -115,6 +151,8 @@ void accumulate_covariance(const FactorView& v, int64_t client, int n, acc_t* M)
   const scalar_t* y = static_cast<const scalar_t*>(v.ref);
   if (v.stride_t == 1 && v.ref_stride_t == 1)
     return covariance_t_contiguous<scalar_t, acc_t, R>(x, v.stride_j, y, v.ref_stride_j, v.rows, n, M);
+  if (v.stride_j == 1 && v.ref_stride_j == 1 && n == R)
+    return covariance_j_contiguous_full<scalar_t, acc_t, R>(x, v.stride_t, y, v.ref_stride_t, v.rows, M);
   if (v.stride_j == 1 && v.ref_stride_j == 1)
     return covariance_j_contiguous<scalar_t, acc_t, R>(x, v.stride_t, y, v.ref_stride_t, v.rows, n, M);
   alignas(64) acc_t xb[kChunkRows][R] = {};
@@ -151,71 +189,94 @@ void rotations_pass(const GroupParams& p) {
 }
 
 
-// A factors (t contiguous in input and output): out[j][t] = Σ_i Σ_k C_i[k][j] x_i[k][t]
-// for kBlock full rows at a time, with the R × kBlock accumulators held across
-// all clients. Returns the number of rows done; the tail goes to the row kernel.
+// A factors (t contiguous in input and output): out[j][t] = Σ_i Σ_k C_i[k][j] x_i[k][t],
+// one small GEMM per client summed in registers. Register tile: JB rows of out ×
+// U vectors of t, accumulated over all clients and k (2 loads + JB broadcasts per
+// 2·JB FMAs); C is zero-padded to R columns, so a tile's rows past n add nothing
+// and are not stored. Returns the number of rows done; the tail goes to the row kernel.
 template <typename scalar_t, typename acc_t, int R>
 int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
                                     bool& finite) {
   using S = Simd<acc_t, 32>;
   using V = typename S::type;
-  constexpr int L = S::lanes;
-  constexpr int U = R <= 8 ? 2 : 1;  // vectors per block: keeps R·U accumulators within the register file
+  constexpr int L = S::lanes, U = 2, JB = 4;  // 8 accumulators: room for the loads in 16 registers
   constexpr int kBlock = U * L;
+  static_assert(R % JB == 0, "rank buckets are multiples of the row tile");
   int64_t done = 0;
   for (; done + kBlock <= rows; done += kBlock) {
     const int64_t tb = t0 + done;
-    V acc[R][U] = {};
-    for (int64_t i = 0; i < p.num_clients; ++i) {
-      const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + tb;
-      const acc_t* C = client_coef<acc_t, R>(p, v.layer, i);
-      for (int k = 0; k < n; ++k) {
-        V xv[U];
-        for (int u = 0; u < U; ++u) xv[u] = load_lanes<V, scalar_t, L>(x + k * v.stride_j + u * L);
-        for (int j = 0; j < R; ++j) {
-          const acc_t c = C[k * R + j];
-          for (int u = 0; u < U; ++u) acc[j][u] += c * xv[u];
+    scalar_t* out = static_cast<scalar_t*>(v.out) + tb;
+    for (int j0 = 0; j0 < n; j0 += JB) {
+      V acc[JB][U] = {};
+      for (int64_t i = 0; i < p.num_clients; ++i) {
+        const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + tb;
+        const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
+        for (int k = 0; k < n; ++k) {
+          V xv[U];
+          for (int u = 0; u < U; ++u) xv[u] = load_lanes<V, scalar_t, L>(x + k * v.stride_j + u * L);
+          for (int jb = 0; jb < JB; ++jb) {
+            const acc_t c = C[k * R + jb];
+            for (int u = 0; u < U; ++u) acc[jb][u] += c * xv[u];
+          }
         }
       }
+      for (int jb = 0; jb < JB && j0 + jb < n; ++jb)
+        for (int u = 0; u < U; ++u)
+          for (int q = 0; q < L; ++q) {
+            const scalar_t value = static_cast<scalar_t>(acc[jb][u][q]);
+            finite = finite && fr_isfinite(static_cast<acc_t>(value));
+            out[(j0 + jb) * v.out_stride_j + u * L + q] = value;
+          }
     }
-    scalar_t* out = static_cast<scalar_t*>(v.out) + tb;
-    for (int j = 0; j < n; ++j)
-      for (int u = 0; u < U; ++u)
-        for (int q = 0; q < L; ++q) {
-          const scalar_t value = static_cast<scalar_t>(acc[j][u][q]);
-          finite = finite && fr_isfinite(static_cast<acc_t>(value));
-          out[j * v.out_stride_j + u * L + q] = value;
-        }
   }
   return done;
 }
 
-// B factors (j contiguous in input and output): out[t][j] = Σ_i Σ_k x_i[t][k] C_i[k][j],
-// one row at a time with its R accumulators in registers; x read in place.
-template <typename scalar_t, typename acc_t, int R>
-void aggregate_rows_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
-                                 bool& finite) {
+// TB rows of a B factor (j contiguous in input and output), JV vectors of j
+// from j0: out[t][j] = Σ_i Σ_k x_i[t][k] C_i[k][j], x read in place. Each C
+// vector loaded serves TB rows.
+template <typename scalar_t, typename acc_t, int R, int TB, int JV>
+void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t, int j0, bool& finite) {
   using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
   using V = typename S::type;
   constexpr int L = S::lanes;
-  constexpr int U = R / L;
-  for (int64_t t = t0; t < t0 + rows; ++t) {
-    V acc[U] = {};
-    for (int64_t i = 0; i < p.num_clients; ++i) {
-      const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t * v.stride_t;
-      const acc_t* C = client_coef<acc_t, R>(p, v.layer, i);
-      for (int k = 0; k < n; ++k) {
-        const acc_t xk = static_cast<acc_t>(x[k]);
-        for (int u = 0; u < U; ++u) acc[u] += xk * load_lanes<V, acc_t, L>(C + k * R + u * L);
+  V acc[TB][JV] = {};
+  for (int64_t i = 0; i < p.num_clients; ++i) {
+    const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t * v.stride_t;
+    const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
+    for (int k = 0; k < n; ++k) {
+      V cv[JV];
+      for (int u = 0; u < JV; ++u) cv[u] = load_lanes<V, acc_t, L>(C + k * R + u * L);
+      for (int b = 0; b < TB; ++b) {
+        const acc_t xk = static_cast<acc_t>(x[b * v.stride_t + k]);
+        for (int u = 0; u < JV; ++u) acc[b][u] += xk * cv[u];
       }
     }
-    scalar_t* out = static_cast<scalar_t*>(v.out) + t * v.out_stride_t;
-    for (int j = 0; j < n; ++j) {
-      const scalar_t value = static_cast<scalar_t>(acc[j / L][j % L]);
+  }
+  for (int b = 0; b < TB; ++b) {
+    scalar_t* out = static_cast<scalar_t*>(v.out) + (t + b) * v.out_stride_t;
+    for (int j = j0; j < n && j < j0 + JV * L; ++j) {
+      const scalar_t value = static_cast<scalar_t>(acc[b][(j - j0) / L][(j - j0) % L]);
       finite = finite && fr_isfinite(static_cast<acc_t>(value));
       out[j] = value;
     }
   }
+}
+
+// B factors: tiles of TB rows × JV vectors of j (about 12 accumulators), single rows for the tail.
+template <typename scalar_t, typename acc_t, int R>
+void aggregate_rows_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
+                                 bool& finite) {
+  using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
+  constexpr int L = S::lanes;
+  constexpr int U = R / L;
+  constexpr int JV = U < 4 ? U : 4;
+  constexpr int TB = 12 / JV;
+  int64_t t = t0;
+  for (; t + TB <= t0 + rows; t += TB)
+    for (int j0 = 0; j0 < n; j0 += JV * L) aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB, JV>(p, v, n, t, j0, finite);
+  for (; t < t0 + rows; ++t)
+    for (int j0 = 0; j0 < n; j0 += JV * L) aggregate_tile_j_contiguous<scalar_t, acc_t, R, 1, JV>(p, v, n, t, j0, finite);
 }
 
 // Any layout (transposed or strided views, and tails): stage X_i rows in a

@@ -6,7 +6,9 @@
   against torch 2.14.1, so setup.py stops with the message naming both, and nothing is installed;
   `pip wheel --no-build-isolation .` then builds against 2.13.0 a wheel labelled +torch2.13.0.cpu,
   which installs and works.
-Both wheels lie on this machine's disk. The extension is built CPU-only here (FEDROT_FORCE_CPU=1):
+Both wheels lie on this machine's disk. Each venv and pip's build environment take GBs of disk: a test
+skips, naming both figures, when its temp directory has less free than it needs, and removes its
+venv when it ends, pass or fail. The extension is built CPU-only here (FEDROT_FORCE_CPU=1):
 the CUDA compile is covered by the main build, this checks what pip does around it.
 """
 import os
@@ -51,28 +53,48 @@ def source(tmp_path):
     return str(dest)
 
 
+GB = 1 << 30
+# Measured peaks: a torch 2.14.1 (CUDA build) venv is 5.4 GB and pip's isolated build env holds
+# another; a torch 2.13.0 (CPU) venv is 0.9 GB.
+NEEDS_GB = {"torch==2.14.1": 12, "torch==2.13.0": 7}
+
+
+@pytest.fixture
+def venv_dir(tmp_path):
+    yield tmp_path / "venv"
+    shutil.rmtree(tmp_path / "venv", ignore_errors=True)
+
+
+def need_disk(path, torch_spec):
+    free = shutil.disk_usage(path).free
+    if free < NEEDS_GB[torch_spec] * GB:
+        pytest.skip(f"needs {NEEDS_GB[torch_spec]} GB free under {path} for a {torch_spec} venv and pip's "
+                    f"build environment; {free / GB:.1f} GB free")
+
+
 def fresh_venv(path, torch_spec):
+    need_disk(path.parent, torch_spec)
     run([sys.executable, "-m", "venv", str(path)])
     py = os.path.join(str(path), "bin", "python")
-    run([py, "-m", "pip", "install", "-q", torch_spec, "numpy"])
+    run([py, "-m", "pip", "install", "-q", "--no-cache-dir", torch_spec, "numpy"])
     return py
 
 
 def cpu_build_env():
-    env = dict(os.environ, FEDROT_FORCE_CPU="1", MAX_JOBS="2")
+    env = dict(os.environ, FEDROT_FORCE_CPU="1", MAX_JOBS="2", PIP_NO_CACHE_DIR="1")
     env.pop("PYTHONPATH", None)
     return env
 
 
-def test_plain_pip_install_works_when_torch_matches(tmp_path, source):
-    py = fresh_venv(tmp_path / "venv", "torch==2.14.1")
+def test_plain_pip_install_works_when_torch_matches(venv_dir, source):
+    py = fresh_venv(venv_dir, "torch==2.14.1")
     run([py, "-m", "pip", "install", "-q", source], env=cpu_build_env())
     out = run([py, "-c", SMOKE], env=cpu_build_env())
     assert "OK 0.1.0+torch2.14.1.cu130 2.14.1+cu130 False" in out.stdout, out.stdout
 
 
-def test_plain_pip_install_refuses_another_torch_and_the_no_isolation_wheel_works(tmp_path, source):
-    py = fresh_venv(tmp_path / "venv", "torch==2.13.0")
+def test_plain_pip_install_refuses_another_torch_and_the_no_isolation_wheel_works(tmp_path, venv_dir, source):
+    py = fresh_venv(venv_dir, "torch==2.13.0")
     refused = run([py, "-m", "pip", "install", source], env=cpu_build_env(), check=False)
     assert refused.returncode != 0
     text = refused.stdout + refused.stderr

@@ -61,6 +61,62 @@ def test_recovers_the_rotation_of_a_rotated_reference(r, dtype, device):
         assert err < tolerance(dtype, soft_cond, r), f"λ={lam}: max error {err:.3g}, seed={seed}"
 
 
+def with_spectrum(U, sigma, V, det_negative):
+    """U diag(σ) Vᵀ for Haar rotations U, V; det < 0 by flipping U's first column."""
+    U = U.clone()
+    if det_negative:
+        U[:, :, 0] = -U[:, :, 0]
+    return U @ torch.diag_embed(sigma) @ V.transpose(1, 2)
+
+
+# Spectra that steer common/polar.h down each of its paths (σ descending, times σ_1 = 10):
+# Newton, Newton + the power-iteration det fix, and Jacobi where Newton cannot vouch for
+# its answer: cond_F(M) beyond 1/eps in float32 (the tiny σ_min cases; float64 stays on
+# Newton), or σ_{r-1}/σ_r within 1e-9 of 1 with det < 0 (the fix's iteration cannot settle).
+SPECTRA = {
+    "spread": lambda r: torch.logspace(1, 0, r, dtype=torch.float64),
+    "tiny_smallest": lambda r: torch.cat([torch.logspace(1, 0, r - 1, dtype=torch.float64),
+                                          torch.tensor([1e-8], dtype=torch.float64)]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("r", [2, 3, 16, 33, 64])
+@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
+@pytest.mark.parametrize("det_negative", [False, True], ids=["det+", "det-"])
+def test_each_solver_path_matches_the_reference(spectrum, det_negative, r, dtype, device):
+    seed = 300 + r
+    g = torch.Generator().manual_seed(seed)
+    M = with_spectrum(haar_rotations(4, r, g), SPECTRA[spectrum](r), haar_rotations(4, r, g), det_negative)
+    for lam in (1.0, 0.5):
+        cond = rotation_conditioning(M, lam, False)
+        assert cond < WELL_POSED, f"ill-conditioned draw, cond={cond:.3g}, seed={seed}"
+        got = fedrot_ext.procrustes_rotation(M.to(device, dtype), lam).double().cpu()
+        err = float((got - reference.procrustes_rotation(M, lam)).abs().max())
+        assert err < tolerance(dtype, cond, r), f"λ={lam}: max error {err:.3g}, cond={cond:.3g}, seed={seed}"
+        assert torch.allclose(torch.linalg.det(got), torch.ones(4, dtype=torch.float64), atol=1e-4), f"seed={seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("r", [2, 3, 16, 64])
+def test_near_tie_of_the_smallest_pair_gives_an_optimal_rotation(r, dtype, device):
+    """det M < 0 and σ_{r-1} = σ_r (1 + 1e-9): the SO(r) maximiser is not unique, so the
+    answer is checked by what defines it: orthogonal, det +1, and tr(Rᵀ M) as high as the reference's."""
+    seed = 400 + r
+    g = torch.Generator().manual_seed(seed)
+    sigma = torch.logspace(1, 0, r, dtype=torch.float64)
+    sigma[-2] = sigma[-1] * (1 + 1e-9)
+    M = with_spectrum(haar_rotations(4, r, g), sigma, haar_rotations(4, r, g), True)
+    R = fedrot_ext.procrustes_rotation(M.to(device, dtype), 1.0).double().cpu()
+    eye = torch.eye(r, dtype=torch.float64)
+    orth_tol = 1e-12 if dtype == torch.float64 else 4 * r * 1.2e-7
+    assert (R.transpose(1, 2) @ R - eye).abs().max() < orth_tol, f"seed={seed}"
+    assert torch.allclose(torch.linalg.det(R), torch.ones(4, dtype=torch.float64), atol=1e-5), f"seed={seed}"
+    best = torch.einsum("bij,bij->b", reference.procrustes_rotation(M, 1.0), M)
+    got = torch.einsum("bij,bij->b", R, M)
+    assert bool((got >= best - 20 * EPS[dtype] * r * float(sigma.sum())).all()), f"{got} < {best}, seed={seed}"
+
+
 @pytest.mark.parametrize("r", [2, 3, 8, 33, 65])
 def test_hard_rotation_is_optimal_over_random_rotations(r, device):
     """R* = argmax_{R ∈ SO(r)} tr(Rᵀ M): no Haar-random rotation and no small perturbation of R* does better."""

@@ -1,0 +1,201 @@
+// Fast path of the r×r polar factor (used by common/polar.h): the scaled
+// Newton iteration X <- (ζX + (ζX)^{-T}) / 2 (Higham 1986) converges
+// quadratically to U Vᵀ in 5-9 steps, each one Gauss-Jordan inverse (n³ FMAs
+// over contiguous rows), where one Jacobi sweep costs ~11 n³ and ~6 are
+// needed. Each function returns false when it cannot vouch for its result
+// (near-singular input, no convergence); polar.h then takes the Jacobi path.
+//
+// Matrices are dense row-major with a compile-time row stride R. Each
+// function takes the active size as `n` and, where the caller knows it at
+// compile time (n == R, the usual LoRA ranks), as C = n too: the fixed trip
+// counts let the compiler keep a pivot row in registers. C = 0: runtime n.
+#pragma once
+
+#include "common/host_device.h"
+
+namespace fedrot {
+
+template <typename T> struct Eps;
+template <> struct Eps<float> { static constexpr float value = 1.1920929e-07f; };
+template <> struct Eps<double> { static constexpr double value = 2.220446049250313e-16; };
+
+// With Frobenius scaling, 9 steps reach double precision from cond 1e16.
+constexpr int kMaxNewtonSteps = 16;
+
+// In-place Gauss-Jordan inverse with partial (row) pivoting; `perm` holds R
+// ints. Sets *det_sign to the sign of det A. False when a pivot falls below
+// n·eps of the largest entry: the inverse would be mostly rounding error.
+template <typename T, int R, int C>
+FR_HD bool invert_in_place(T* A, int* perm, int n_runtime, int* det_sign) {
+  const int n = C ? C : n_runtime;
+  T lanes[R] = {};  // per-column partial results vectorise; one serial chain would not
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) lanes[b] = fr_max(lanes[b], fr_abs(A[a * R + b]));
+  T amax = 0;
+  for (int b = 0; b < n; ++b) amax = fr_max(amax, lanes[b]);
+  const T tiny = amax * T(n) * Eps<T>::value;
+  int sign = 1;
+  for (int k = 0; k < n; ++k) {
+    int piv = k;
+    for (int i = k + 1; i < n; ++i)
+      if (fr_abs(A[i * R + k]) > fr_abs(A[piv * R + k])) piv = i;
+    if (!(fr_abs(A[piv * R + k]) > tiny)) return false;  // also catches NaN
+    perm[k] = piv;
+    if (piv != k) {
+      sign = -sign;
+      for (int b = 0; b < n; ++b) {
+        const T tmp = A[k * R + b];
+        A[k * R + b] = A[piv * R + b];
+        A[piv * R + b] = tmp;
+      }
+    }
+    T* rk = A + k * R;
+    if (rk[k] < T(0)) sign = -sign;
+    const T inv = T(1) / rk[k];
+    rk[k] = T(1);
+    // Row i <- row i · keep − f · pivot row, with keep zero in column k: one
+    // vector pass per row, where storing ri[k] = 0 first would stall the
+    // wide loads behind it. pivot_row: a copy the compiler sees as unaliased.
+    T pivot_row[R], keep[R];
+    for (int b = 0; b < n; ++b) {
+      pivot_row[b] = rk[b] *= inv;
+      keep[b] = b == k ? T(0) : T(1);
+    }
+    for (int i = 0; i < n; ++i) {
+      if (i == k) continue;
+      T* ri = A + i * R;
+      const T f = ri[k];
+      for (int b = 0; b < n; ++b) ri[b] = ri[b] * keep[b] - f * pivot_row[b];
+    }
+  }
+  // Row swaps of A are column swaps of A⁻¹, undone in reverse order.
+  for (int k = n - 1; k >= 0; --k) {
+    if (perm[k] == k) continue;
+    for (int a = 0; a < n; ++a) {
+      const T tmp = A[a * R + k];
+      A[a * R + k] = A[a * R + perm[k]];
+      A[a * R + perm[k]] = tmp;
+    }
+  }
+  *det_sign = sign;
+  return true;
+}
+
+template <typename T, int R, int C>
+FR_HD T frobenius(const T* X, int n_runtime) {
+  const int n = C ? C : n_runtime;
+  T lanes[R] = {};
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) lanes[b] += X[a * R + b] * X[a * R + b];
+  T sum = 0;
+  for (int b = 0; b < n; ++b) sum += lanes[b];
+  return fr_sqrt(sum);
+}
+
+// X (row-major, holding M) <- its orthogonal polar factor, nearly converged:
+// the last step's change is below eps^(1/4)/2, so the remaining error in each
+// singular value is below sqrt(eps)/8 and one Björck step (polar.h) finishes
+// it. Y and perm are scratch. *det_sign = sign det M. False when M is too
+// ill-conditioned for the working precision (Jacobi handles it) or no convergence.
+template <typename T, int R, int C>
+FR_HD bool newton_polar(T* X, T* Y, int* perm, int n_runtime, int* det_sign) {
+  const int n = C ? C : n_runtime;
+  const T tol = T(0.5) * fr_sqrt(fr_sqrt(Eps<T>::value));
+  bool scaled = true;
+  for (int step = 0; step < kMaxNewtonSteps; ++step) {
+    for (int a = 0; a < n; ++a)  // Y = (Xᵀ)⁻¹ = X⁻ᵀ, laid out as X for the update below
+      for (int b = 0; b < n; ++b) Y[a * R + b] = X[b * R + a];
+    int sign = 1;
+    if (!invert_in_place<T, R, C>(Y, perm, n, &sign)) return false;
+    const T nx = frobenius<T, R, C>(X, n), ny = frobenius<T, R, C>(Y, n);
+    // cond_F(M) = ‖M‖‖M⁻¹‖ above 1/eps: the first inverse carries no accuracy.
+    if (step == 0) {
+      if (!(nx * ny * Eps<T>::value < T(1))) return false;
+      *det_sign = sign;
+    }
+    const T zeta = scaled ? fr_sqrt(ny / nx) : T(1);
+    const T half_zeta = T(0.5) * zeta, half_inv = T(0.5) / zeta;
+    T lanes[R] = {};
+    for (int a = 0; a < n; ++a)
+      for (int b = 0; b < n; ++b) {
+        const T next = half_zeta * X[a * R + b] + half_inv * Y[a * R + b];
+        const T d = next - X[a * R + b];
+        lanes[b] += d * d;
+        X[a * R + b] = next;
+      }
+    T change = 0;
+    for (int b = 0; b < n; ++b) change += lanes[b];
+    change = fr_sqrt(change);
+    if (change < tol) return true;
+    if (change < T(0.01)) scaled = false;  // scaling only slows the final quadratic steps
+  }
+  return false;
+}
+
+// For det M < 0 without reflections: Q <- Q (I − 2 v vᵀ), v the unit
+// eigenvector of H = QᵀM for its smallest eigenvalue (the smallest singular
+// pair, as in the SVD path), found by power iteration on H⁻¹ from its
+// largest-diagonal column, which has a component ≥ 1/n along v. It stops when
+// ‖W v − ν v‖ ≤ 4 n eps ν (W = H⁻¹, ν = vᵀWv ≈ 1/σ_min): the angle to the true v
+// is then below 4 n eps times σ_{n−1} / (σ_{n−1} − σ_n), the relative gap that
+// also bounds the SVD path's accuracy. Up to n + 16 further steps, while the
+// residual still falls, take the angle down to rounding (each divides it by
+// σ_{n−1}/σ_n, for n² FMAs). S, W hold R×R, x and y R entries.
+// False when that takes too long (a near tie of the two smallest singular
+// values, where the iteration crawls): Jacobi decides those.
+template <typename T, int R, int C>
+FR_HD bool flip_smallest_pair(const T* M, T* Q, T* S, T* W, T* x, T* y, int* perm, int n_runtime) {
+  const int n = C ? C : n_runtime;
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) S[a * R + b] = T(0);
+  for (int k = 0; k < n; ++k)
+    for (int a = 0; a < n; ++a) {
+      const T q = Q[k * R + a];
+      for (int b = 0; b < n; ++b) S[a * R + b] += q * M[k * R + b];
+    }
+  for (int a = 0; a < n; ++a)  // W = H⁻¹, H symmetrised
+    for (int b = 0; b < n; ++b) W[a * R + b] = T(0.5) * (S[a * R + b] + S[b * R + a]);
+  int sign = 1;
+  if (!invert_in_place<T, R, C>(W, perm, n, &sign)) return false;
+  int start = 0;
+  for (int a = 1; a < n; ++a)
+    if (W[a * R + a] > W[start * R + start]) start = a;
+  for (int a = 0; a < n; ++a) x[a] = W[a * R + start];
+  const T tol = T(4) * T(n) * Eps<T>::value;
+  bool settled = false;
+  T last_residual = T(0);
+  for (int step = 0, extra = 0; step < 8 * n + 32 && extra < n + 16; ++step) {
+    T norm = 0;
+    for (int a = 0; a < n; ++a) norm += x[a] * x[a];
+    norm = fr_sqrt(norm);
+    for (int a = 0; a < n; ++a) x[a] /= norm;
+    for (int a = 0; a < n; ++a) y[a] = T(0);  // y = W x as a sum of rows (W is symmetric)
+    for (int b = 0; b < n; ++b)
+      for (int a = 0; a < n; ++a) y[a] += x[b] * W[b * R + a];
+    T nu = 0, residual = 0;
+    for (int a = 0; a < n; ++a) nu += x[a] * y[a];
+    for (int a = 0; a < n; ++a) residual += (y[a] - nu * x[a]) * (y[a] - nu * x[a]);
+    residual = fr_sqrt(residual);
+    if (settled && !(residual < last_residual)) break;  // at the rounding floor
+    settled = settled || residual <= tol * nu;
+    extra += settled;
+    last_residual = residual;
+    for (int a = 0; a < n; ++a) x[a] = y[a];
+  }
+  if (!settled) return false;
+  T norm = 0;  // x is the unnormalised W v when the step cap came first
+  for (int a = 0; a < n; ++a) norm += x[a] * x[a];
+  norm = fr_sqrt(norm);
+  for (int a = 0; a < n; ++a) x[a] /= norm;
+  // u = Q v; Q -= 2 u vᵀ.
+  for (int a = 0; a < n; ++a) {
+    T sum = 0;
+    for (int b = 0; b < n; ++b) sum += Q[a * R + b] * x[b];
+    y[a] = sum;
+  }
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) Q[a * R + b] -= T(2) * y[a] * x[b];
+  return true;
+}
+
+}  // namespace fedrot
