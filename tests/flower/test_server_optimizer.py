@@ -22,7 +22,9 @@ def test_strategy_applies_server_optimizer_over_two_rounds(kind):
         aggregated = fedrot_ext.aggregate_state_dicts(clients, reference=expected_global, weights=[3, 5, 9], round=server_round - 1, lam=0.5)
         expected_global = mirror.step(expected_global, dict(aggregated))
         current = arrayrecord_to_state_dict(arrays)
-        assert_same_state(current, expected_global, rtol=1e-6, atol=1e-6)
+        # The strategy's aggregate and the direct call's differ in the last float32 bits (the wire
+        # format, the weight normalisation); two Adam steps carry that to ~3e-6.
+        assert_same_state(current, expected_global, rtol=1e-5, atol=1e-5)
     assert strategy.server_optimizer.steps == 2
     plain = dict(fedrot_ext.aggregate_state_dicts(clients, reference=reference, weights=[3, 5, 9], round=1, lam=0.5))
     assert not torch.allclose(next(iter(current.values())), next(iter(plain.values())))
