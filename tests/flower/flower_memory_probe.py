@@ -1,5 +1,5 @@
 """Run in a fresh process by test_flower_streaming.py: one FedRotLoRA round over many large replies,
-streaming or stacked; prints the peak RSS growth of aggregate_train over the replies already in memory.
+streaming or stacked; prints the peak RSS of aggregate_train less the RSS just before it, with the replies already in memory.
 
     python tests/flower/flower_memory_probe.py stream|stack N_REPLIES
 """
@@ -27,8 +27,14 @@ def _state(g: torch.Generator, scale: float):
     return out
 
 
-def _rss_mb() -> float:
+def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    # Not the peak: building the replies left a higher peak behind it, which would hide part of the round's growth.
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main(mode: str, n: int) -> dict:
@@ -38,11 +44,11 @@ def main(mode: str, n: int) -> dict:
     replies = [_reply(_state(g, 0.02), 100 + i, i + 1) for i in range(n)]  # built one at a time, kept as Flower keeps them
     strategy = FedRotLoRA(streaming=(mode == "stream"))
     strategy._sent = (2, state_dict_to_arrayrecord(reference))
-    before = _rss_mb()
+    before = _current_rss_mb()
     arrays, metrics = strategy.aggregate_train(2, replies)
     assert arrays is not None and metrics["replies-accepted"] == n
     reply_mb = n * MODULES * 2 * R * D * 4 / 2**20
-    return {"mode": mode, "replies": n, "replies_MB": reply_mb, "peak_extra_MB": _rss_mb() - before}
+    return {"mode": mode, "replies": n, "replies_MB": reply_mb, "peak_extra_MB": _peak_rss_mb() - before}
 
 
 if __name__ == "__main__":
