@@ -1,8 +1,9 @@
 // Front of the fused align-and-aggregate op: argument checks (messages say
 // what was expected), output allocation, the per-rank-bucket tables, and the
 // hand-off to the backend's runner (each backend registers the op itself).
-// The Python wrapper validates values (weights, λ, NaN/Inf); the checks here
-// keep direct torch.ops callers safe.
+// The Python wrapper validates values (weights, λ, NaN/Inf clients); the checks
+// here keep direct torch.ops callers safe. NaN/Inf references and aggregates
+// are reported through the status bits (align_aggregate.h), without a sync.
 #include <algorithm>
 #include <map>
 #include <tuple>
@@ -65,6 +66,15 @@ FactorView make_view(const Tensor& x, int64_t dim_t, int64_t dim_j, const Tensor
   v.chunk_begin = chunk_begin;
   v.layer = layer;
   return v;
+}
+
+// The references a fused group's aligned layers read, checked for NaN/Inf by ATen
+// reductions (no sync). The CPU kernel checks them itself, as it reads them.
+void flag_nonfinite_references(const std::vector<size_t>& layer_ids, const RefList& ref_A, const RefList& ref_B,
+                               at::IntArrayRef align, Tensor& status) {
+  for (size_t l : layer_ids)
+    for (const Tensor& ref : {ref_of(ref_A, l, uses_A(align[l])), ref_of(ref_B, l, uses_B(align[l]))})
+      if (ref.defined()) status.bitwise_or_(ref.isfinite().all().logical_not().to(at::kInt) * kStatusReferenceNonfinite);
 }
 
 GroupTables build_tables(const std::vector<size_t>& layer_ids, TensorList A, TensorList B, const RefList& ref_A,
@@ -174,6 +184,7 @@ AlignAggregateResult align_and_aggregate_impl(TensorList A, TensorList B, const 
       }
       continue;
     }
+    if (!first.is_cpu()) flag_nonfinite_references(layer_ids, ref_A, ref_B, align, out.status);
     const GroupTables tables = build_tables(layer_ids, A, B, ref_A, ref_B, align, out);
     run_group(tables, group_params(tables, weights, lam_c, allow_reflection, out), bucket, first, weights);
   }

@@ -26,6 +26,10 @@ namespace fedrot {
 
 enum AlignMode : int32_t { kAlignNone = 0, kAlignA = 1, kAlignB = 2, kAlignAB = 3 };
 
+// Bits of the op's status output. The Python front turns each into its own error.
+constexpr int32_t kStatusAggregateNonfinite = 1;  // an aggregate came out NaN/Inf
+constexpr int32_t kStatusReferenceNonfinite = 2;  // a reference an aligned layer reads holds NaN/Inf
+
 // Rows (the t dimension) per aggregation chunk.
 constexpr int64_t kChunkRows = 64;
 
@@ -58,7 +62,7 @@ struct GroupParams {
   const void* lam;      // (L,) per-layer soft-rotation strength, accumulate dtype, read on the device
   void* coef;           // workspace (num_layers * N * R * R): w_i R_i, zero-padded
   void* cov;            // CUDA workspace: (num_layers * N * cov_splits * R * R) partial M
-  int32_t* status;      // set to 1 when an aggregate comes out non-finite
+  int32_t* status;      // kStatus* bits, OR-ed in
   int64_t num_chunks;
   int32_t num_layers, num_clients, cov_splits;
   bool any_aligned;  // some layer of the group aligns: the covariance pass runs

@@ -1,5 +1,7 @@
 #include "large_rank_fallback.h"
 
+#include "align_aggregate.h"
+
 #include <ATen/ATen.h>
 
 namespace fedrot {
@@ -42,6 +44,8 @@ void align_aggregate_layer_aten(const at::Tensor& A, const at::Tensor& B, const 
   if (identity) {
     R = at::eye(n, rotations.options()).expand({N, n, n});
   } else {
+    for (const at::Tensor& ref : {ref_A, ref_B})
+      if (ref.defined()) status.bitwise_or_(ref.isfinite().all().logical_not().to(at::kInt) * kStatusReferenceNonfinite);
     at::Tensor M = at::zeros({N, n, n}, rotations.options());
     if (ref_A.defined()) M = M + at::matmul(a, ref_A.to(acc).t());
     if (ref_B.defined()) M = M + at::matmul(b.transpose(1, 2), ref_B.to(acc));
@@ -52,7 +56,7 @@ void align_aggregate_layer_aten(const at::Tensor& A, const at::Tensor& B, const 
   out_A.copy_(at::einsum("ikj,ikc->jc", {wR, a}));  // Σ_i w_i R_iᵀ A_i
   out_B.copy_(at::einsum("iok,ikj->oj", {b, wR}));  // Σ_i w_i B_i R_i
   const at::Tensor bad = out_A.isfinite().all().logical_and(out_B.isfinite().all()).logical_not();
-  status.bitwise_or_(bad.to(at::kInt));
+  status.bitwise_or_(bad.to(at::kInt) * kStatusAggregateNonfinite);
 }
 
 }  // namespace fedrot

@@ -150,14 +150,6 @@ def check_factors(A, B, ref_A, ref_B, align):
     return A, B, checked["ref_A"], checked["ref_B"], N, dtype, device
 
 
-def all_finite(tensors, device) -> torch.Tensor:
-    """A 0-d bool tensor on `device`: every tensor is free of NaN/Inf. No host synchronisation:
-    the caller reads it together with whatever else it must read (one sync for both)."""
-    if not tensors:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
-
 def used_refs(ref_A, ref_B, aligns):
     """(name, layer, tensor) of every reference some layer's mode reads."""
     out = []
@@ -167,7 +159,7 @@ def used_refs(ref_A, ref_B, aligns):
 
 
 def nonfinite_reference_error(ref_A, ref_B, aligns) -> ValueError:
-    """The error naming the first reference layer holding NaN/Inf (slow path, after all_finite failed)."""
+    """The error naming the first reference layer holding NaN/Inf (slow path, after the op flagged one)."""
     for name, l, t in used_refs(ref_A, ref_B, aligns):
         if not bool(torch.isfinite(t).all()):
             return ValueError(f"{name}[{l}]: expected finite values, found NaN or Inf")

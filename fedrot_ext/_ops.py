@@ -16,13 +16,13 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.fedrot_ext)
 from ._checks import (
-    all_finite, check_factors, check_lam, check_lam_grid, check_robustness, layer_aligns, layer_lams,
-    nonfinite_reference_error, normalized_weights, overflow_error, used_refs,
+    check_factors, check_lam, check_lam_grid, check_robustness, layer_aligns, layer_lams,
+    nonfinite_reference_error, normalized_weights, overflow_error,
 )
 from ._runtime import check_device
 from ._shape_only import shape_only, shape_only_weights
 from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients, noise_std, surviving_weights
-from ._types import ALIGN_CODES, Aggregate, align_uses
+from ._types import ALIGN_CODES, STATUS_AGGREGATE_NONFINITE, STATUS_REFERENCE_NONFINITE, Aggregate, align_uses
 
 __all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype", "fused_align_aggregate", "DEFAULT_LAM_GRID"]
 
@@ -102,8 +102,9 @@ def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, aligns, lams, all
     read); w the normalised (N,) weights in the accumulate dtype on the factors' device; aligns
     one mode per layer (:func:`layer_aligns`); lams one float per layer or "auto" (:func:`layer_lams`;
     "auto" chooses from `lam_grid` by the choose_lam op). Returns (out_A, out_B, rotations, status,
-    lam) without synchronising: status is a (1,) int32 tensor, non-zero iff an aggregate came out
-    non-finite; lam the (L,) λ used.
+    lam) without synchronising: status is a (1,) int32 tensor of bits, STATUS_AGGREGATE_NONFINITE
+    (an aggregate came out NaN/Inf) and STATUS_REFERENCE_NONFINITE (a reference an aligned layer
+    reads holds NaN/Inf); lam the (L,) λ used.
     """
     check_device(A[0].device)
     codes = [ALIGN_CODES[a] for a in aligns]
@@ -118,17 +119,18 @@ def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, aligns, lams, all
     return list(out_A), list(out_B), list(rots), status, lam_t
 
 
-def _fused(A, B, ref_A, ref_B, w, aligns, lam, lam_grid, allow_reflection: bool, clip_norm, ref_ok):
+def _fused(A, B, ref_A, ref_B, w, aligns, lam, lam_grid, allow_reflection: bool, clip_norm):
     """One op call plus the one host synchronisation:
     (outputs..., aggregate failed, references finite, λ used per layer)."""
     if clip_norm is not None:
         # Norms in float64: finite factors of ~1e19 would overflow a float32 norm and escape the clip.
         w = w * clip_scales(client_update_norms(A, B, torch.float64), clip_norm).sqrt().to(w.dtype)
     out_A, out_B, rots, status, lam_t = fused_align_aggregate(A, B, ref_A, ref_B, w, aligns, lam, allow_reflection, lam_grid)
-    flags = torch.stack([status[0] != 0, ref_ok.to(status.device)]).to(torch.float64)
     chosen = [lam_t.to(torch.float64)] if lam == "auto" else []
-    values = torch.cat([flags, *chosen]).tolist()  # the one host sync
-    return out_A, out_B, rots, bool(values[0]), bool(values[1]), tuple(values[2:]) if chosen else tuple(lam)
+    values = torch.cat([status.to(torch.float64), *chosen]).tolist()  # the one host sync
+    bits = int(values[0])
+    return (out_A, out_B, rots, bool(bits & STATUS_AGGREGATE_NONFINITE), not bits & STATUS_REFERENCE_NONFINITE,
+            tuple(values[1:]) if chosen else tuple(lam))
 
 
 def align_and_aggregate(
@@ -202,8 +204,7 @@ def align_and_aggregate(
         out_A, out_B, rots, _, _ = fused_align_aggregate(A, B, ref_A, ref_B, w, aligns, lam, allow_reflection, lam_grid)
         return Aggregate(out_A, out_B, rots if return_rotations else None, ())
     w = normalized_weights(weights, N, device, accumulate_dtype(dtype))
-    ref_ok = all_finite([t for _, _, t in used_refs(ref_A, ref_B, aligns)], device)  # read with the status: one sync
-    fuse = lambda A, B, w: _fused(A, B, ref_A, ref_B, w, aligns, lam, lam_grid, allow_reflection, clip_norm, ref_ok)  # noqa: E731
+    fuse = lambda A, B, w: _fused(A, B, ref_A, ref_B, w, aligns, lam, lam_grid, allow_reflection, clip_norm)  # noqa: E731
     out_A, out_B, rots, failed, refs_finite, lam_used = fuse(A, B, w)
     if not refs_finite:
         raise nonfinite_reference_error(ref_A, ref_B, aligns)

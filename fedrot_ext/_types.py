@@ -8,6 +8,8 @@ import torch
 ALIGN_MODES = ("none", "A", "B", "AB")
 # Integer codes passed to the C++ op (csrc/align_aggregate.h: AlignMode).
 ALIGN_CODES = {"none": 0, "A": 1, "B": 2, "AB": 3}
+# Bits of the op's status output, as kStatus* in csrc/align_aggregate.h.
+STATUS_AGGREGATE_NONFINITE, STATUS_REFERENCE_NONFINITE = 1, 2
 
 
 def align_uses(align: str) -> Tuple[bool, bool]:

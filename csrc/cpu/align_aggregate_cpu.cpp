@@ -3,6 +3,7 @@
 // layers and writes Σ_i X_i (w_i R_i). Each output element is produced by one
 // task in a fixed order, so results do not depend on the thread count.
 #include <algorithm>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -11,6 +12,7 @@
 #include "align_aggregate.h"
 #include "common/dispatch.h"
 #include "common/rotation_coefficients.h"
+#include "cpu/simd.h"
 
 namespace fedrot {
 namespace {
@@ -28,21 +30,6 @@ void load_block(const scalar_t* x, int64_t stride_t, int64_t stride_j, int64_t r
   }
 }
 
-// Explicit SIMD through GCC/Clang vector types: L lanes of acc_t (16 or 32
-// bytes), compiled to AVX2/FMA or SSE by the host flags in setup.py.
-template <typename acc_t, int Bytes>
-struct Simd {
-  typedef acc_t type __attribute__((vector_size(Bytes)));
-  static constexpr int lanes = Bytes / int(sizeof(acc_t));
-};
-
-template <typename V, typename scalar_t, int L>
-inline V load_lanes(const scalar_t* x) {
-  V v;
-  for (int q = 0; q < L; ++q) v[q] = x[q];
-  return v;
-}
-
 // w_i R_i of one client of one layer (R × R, zero-padded).
 template <typename acc_t, int R>
 const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
@@ -55,14 +42,20 @@ constexpr int64_t kCovarianceBlock = 512;
 
 // A factors (t contiguous): M[j][k] = Σ_t x[j][t] y[k][t], 4×4 blocks of
 // (j, k) with vector accumulators over t, one cache block of t at a time.
-// Rows past n alias row 0 and are dropped.
+// Each block's accumulators are added as vectors to per-(j, k) partial sums,
+// reduced across lanes once at the end: a lane reduction per block would cost
+// as much as the block's FMAs at r = 64. Rows past n alias row 0 and are dropped.
 template <typename scalar_t, typename acc_t, int R>
 void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, int n, acc_t* M) {
-  using S = Simd<acc_t, 32>;
+  using S = Simd<acc_t, kVectorBytes>;
   using V = typename S::type;
   constexpr int L = S::lanes, JB = 4;
-  for (int64_t tb = 0; tb < T; tb += kCovarianceBlock) {
-    const int64_t te = std::min(T, tb + kCovarianceBlock);
+  static thread_local std::vector<V> partial_sums;  // R·R vectors, per thread: no allocation per call
+  partial_sums.assign(size_t(R) * R, V{});
+  V* part = partial_sums.data();
+  const int64_t T_vec = T - T % L;
+  for (int64_t tb = 0; tb < T_vec; tb += kCovarianceBlock) {
+    const int64_t te = std::min(T_vec, tb + kCovarianceBlock);
     for (int j0 = 0; j0 < n; j0 += JB)
       for (int k0 = 0; k0 < n; k0 += JB) {
         const scalar_t *xr[JB], *yr[JB];
@@ -71,35 +64,39 @@ void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
           yr[b] = y + (k0 + b < n ? k0 + b : 0) * sy;
         }
         V acc[JB][JB] = {};
-        int64_t t = tb;
-        for (; t + L <= te; t += L) {
+        for (int64_t t = tb; t < te; t += L) {
           V xv[JB], yv[JB];
+#pragma GCC unroll 4
           for (int b = 0; b < JB; ++b) {
-            xv[b] = load_lanes<V, scalar_t, L>(xr[b] + t);
-            yv[b] = load_lanes<V, scalar_t, L>(yr[b] + t);
+            xv[b] = load_lanes_widened<V, scalar_t, L>(xr[b] + t);
+            yv[b] = load_lanes_widened<V, scalar_t, L>(yr[b] + t);
           }
+#pragma GCC unroll 4
           for (int a = 0; a < JB; ++a)
+#pragma GCC unroll 4
             for (int b = 0; b < JB; ++b) acc[a][b] += xv[a] * yv[b];
         }
-        for (int a = 0; a < JB && j0 + a < n; ++a)
-          for (int b = 0; b < JB && k0 + b < n; ++b) {
-            acc_t sum = 0;
-            for (int q = 0; q < L; ++q) sum += acc[a][b][q];
-            for (int64_t u = t; u < te; ++u) sum += static_cast<acc_t>(xr[a][u]) * static_cast<acc_t>(yr[b][u]);
-            M[(j0 + a) * R + k0 + b] += sum;
-          }
+        for (int a = 0; a < JB; ++a)
+          for (int b = 0; b < JB; ++b) part[(j0 + a) * R + k0 + b] += acc[a][b];
       }
   }
+  for (int j = 0; j < n; ++j)
+    for (int k = 0; k < n; ++k) {
+      acc_t sum = 0;
+      for (int q = 0; q < L; ++q) sum += part[j * R + k][q];
+      for (int64_t u = T_vec; u < T; ++u) sum += static_cast<acc_t>(x[j * sx + u]) * static_cast<acc_t>(y[k * sy + u]);
+      M[j * R + k] += sum;
+    }
 }
 
 // B factors (j contiguous) at full rank n = R: M[j][k] = Σ_t x[t][j] y[t][k],
-// tiles of JB rows × JV vectors of M (12 accumulators) over one cache block of t,
+// tiles of JB rows × JV vectors of M (kTileAccumulators) over one cache block of t,
 // x and y read in place.
 template <typename scalar_t, typename acc_t, int R>
 void covariance_j_contiguous_full(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, acc_t* M) {
-  using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
+  using S = RowSimd<acc_t, R>;
   using V = typename S::type;
-  constexpr int L = S::lanes, U = R / L, JV = U < 4 ? U : 4, JB = 12 / JV < R ? 12 / JV : R;
+  constexpr int L = S::lanes, U = R / L, JV = U < 4 ? U : 4, JB = kTileAccumulators / JV < R ? kTileAccumulators / JV : R;
   for (int64_t tb = 0; tb < T; tb += kCovarianceBlock) {
     const int64_t te = std::min(T, tb + kCovarianceBlock);
     for (int j0 = 0; j0 < R; j0 += JB)
@@ -107,7 +104,7 @@ void covariance_j_contiguous_full(const scalar_t* x, int64_t sx, const scalar_t*
         V acc[JB][JV] = {};
         for (int64_t t = tb; t < te; ++t) {
           V yv[JV];
-          for (int u = 0; u < JV; ++u) yv[u] = load_lanes<V, scalar_t, L>(y + t * sy + k0 + u * L);
+          for (int u = 0; u < JV; ++u) yv[u] = load_lanes_widened<V, scalar_t, L>(y + t * sy + k0 + u * L);
           for (int a = 0; a < JB; ++a) {
             const acc_t xa = j0 + a < R ? static_cast<acc_t>(x[t * sx + (j0 + a < R ? j0 + a : 0)]) : acc_t(0);
             for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
@@ -124,7 +121,7 @@ void covariance_j_contiguous_full(const scalar_t* x, int64_t sx, const scalar_t*
 // registers while streaming t.
 template <typename scalar_t, typename acc_t, int R>
 void covariance_j_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, int n, acc_t* M) {
-  using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
+  using S = RowSimd<acc_t, R>;
   using V = typename S::type;
   constexpr int L = S::lanes, U = R / L, JB = U >= 8 ? 1 : 8 / U < 4 ? 8 / U : 4;
   alignas(64) acc_t yrow[R] = {};
@@ -169,6 +166,35 @@ void accumulate_covariance(const FactorView& v, int64_t client, int n, acc_t* M)
   }
 }
 
+// Whether a (rows × n) strided view is free of NaN/Inf, read along its contiguous
+// dimension: x - x is 0 for finite x and NaN otherwise.
+template <typename scalar_t, typename acc_t>
+bool view_is_finite(const scalar_t* x, int64_t stride_t, int64_t stride_j, int64_t rows, int n) {
+  using S = Simd<acc_t, kVectorBytes>;
+  using V = typename S::type;
+  constexpr int L = S::lanes;
+  const bool t_inner = stride_t == 1;
+  const int64_t outer = t_inner ? n : rows, inner = t_inner ? rows : n;
+  const int64_t so = t_inner ? stride_j : stride_t, si = t_inner ? stride_t : stride_j;
+  V check = {};
+  acc_t tail = 0;
+  for (int64_t o = 0; o < outer; ++o) {
+    const scalar_t* row = x + o * so;
+    int64_t i = 0;
+    if (si == 1)
+      for (; i + L <= inner; i += L) {
+        const V v = load_lanes_widened<V, scalar_t, L>(row + i);
+        check += v - v;
+      }
+    for (; i < inner; ++i) {
+      const acc_t v = static_cast<acc_t>(row[i * si]);
+      tail += v - v;
+    }
+  }
+  for (int q = 0; q < L; ++q) tail += check[q];
+  return tail == acc_t(0);
+}
+
 template <typename scalar_t, typename acc_t, int R>
 void rotations_pass(const GroupParams& p) {
   const int64_t tasks = int64_t(p.num_layers) * p.num_clients;
@@ -181,7 +207,12 @@ void rotations_pass(const GroupParams& p) {
       std::fill(M, M + R * R, acc_t(0));
       for (int f = 0; f < 2; ++f) {  // views with no reference do not align
         const FactorView& v = p.views[2 * l + f];
-        if (v.ref != nullptr) accumulate_covariance<scalar_t, acc_t, R>(v, i, p.layers[l].n, M);
+        if (v.ref == nullptr) continue;
+        // Client 0's task checks the reference just before its covariance reads it again, from cache.
+        if (i == 0 && !view_is_finite<scalar_t, acc_t>(static_cast<const scalar_t*>(v.ref), v.ref_stride_t,
+                                                       v.ref_stride_j, v.rows, p.layers[l].n))
+          __atomic_fetch_or(p.status, kStatusReferenceNonfinite, __ATOMIC_RELAXED);
+        accumulate_covariance<scalar_t, acc_t, R>(v, i, p.layers[l].n, M);
       }
       rotation_from_covariance<acc_t, R>(p, li, M, Rot, scratch);
     }
@@ -191,17 +222,21 @@ void rotations_pass(const GroupParams& p) {
 
 // A factors (t contiguous in input and output): out[j][t] = Σ_i Σ_k C_i[k][j] x_i[k][t],
 // one small GEMM per client summed in registers. Register tile: JB rows of out ×
-// U vectors of t, accumulated over all clients and k (2 loads + JB broadcasts per
-// 2·JB FMAs); C is zero-padded to R columns, so a tile's rows past n add nothing
-// and are not stored. Returns the number of rows done; the tail goes to the row kernel.
+// U vectors of t, accumulated over all clients and k (U loads + JB broadcasts per
+// JB·U FMAs); C is zero-padded to R columns, so a tile's rows past n add nothing
+// and are not stored. The first row tile prefetches the next block of every
+// (client, k) row: N·n short streams are more than the hardware prefetcher tracks.
+// Returns the number of rows done; the tail goes to the row kernel.
 template <typename scalar_t, typename acc_t, int R>
 int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
                                     bool& finite) {
-  using S = Simd<acc_t, 32>;
+  using S = Simd<acc_t, kVectorBytes>;
   using V = typename S::type;
-  constexpr int L = S::lanes, U = 2, JB = 4;  // 8 accumulators: room for the loads in 16 registers
+  constexpr int L = S::lanes, U = kVectorRegisters == 32 ? 4 : 2, JB = 4;  // JB·U accumulators, U loads, 1 broadcast
   constexpr int kBlock = U * L;
   static_assert(R % JB == 0, "rank buckets are multiples of the row tile");
+  constexpr int kLinesPerBlock = (kBlock * int(sizeof(scalar_t)) + 63) / 64;
+  V check = {};
   int64_t done = 0;
   for (; done + kBlock <= rows; done += kBlock) {
     const int64_t tb = t0 + done;
@@ -212,23 +247,27 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
         const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + tb;
         const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
         for (int k = 0; k < n; ++k) {
+          const scalar_t* xk = x + k * v.stride_j;
+          if (j0 == 0)
+#pragma GCC unroll 4
+            for (int c = 0; c < kLinesPerBlock; ++c) __builtin_prefetch(reinterpret_cast<const char*>(xk + kBlock) + 64 * c);
           V xv[U];
-          for (int u = 0; u < U; ++u) xv[u] = load_lanes<V, scalar_t, L>(x + k * v.stride_j + u * L);
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) xv[u] = load_lanes_widened<V, scalar_t, L>(xk + u * L);
+#pragma GCC unroll 8
           for (int jb = 0; jb < JB; ++jb) {
             const acc_t c = C[k * R + jb];
+#pragma GCC unroll 8
             for (int u = 0; u < U; ++u) acc[jb][u] += c * xv[u];
           }
         }
       }
       for (int jb = 0; jb < JB && j0 + jb < n; ++jb)
         for (int u = 0; u < U; ++u)
-          for (int q = 0; q < L; ++q) {
-            const scalar_t value = static_cast<scalar_t>(acc[jb][u][q]);
-            finite = finite && fr_isfinite(static_cast<acc_t>(value));
-            out[(j0 + jb) * v.out_stride_j + u * L + q] = value;
-          }
+          store_lanes<V, scalar_t, acc_t, L>(out + (j0 + jb) * v.out_stride_j + u * L, acc[jb][u], check);
     }
   }
+  finite = finite && lanes_all_zero<V, L>(check);
   return done;
 }
 
@@ -237,7 +276,7 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
 // vector loaded serves TB rows.
 template <typename scalar_t, typename acc_t, int R, int TB, int JV>
 void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t, int j0, bool& finite) {
-  using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
+  using S = RowSimd<acc_t, R>;
   using V = typename S::type;
   constexpr int L = S::lanes;
   V acc[TB][JV] = {};
@@ -246,32 +285,39 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
     const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
     for (int k = 0; k < n; ++k) {
       V cv[JV];
+#pragma GCC unroll 8
       for (int u = 0; u < JV; ++u) cv[u] = load_lanes<V, acc_t, L>(C + k * R + u * L);
+#pragma GCC unroll 32
       for (int b = 0; b < TB; ++b) {
         const acc_t xk = static_cast<acc_t>(x[b * v.stride_t + k]);
+#pragma GCC unroll 8
         for (int u = 0; u < JV; ++u) acc[b][u] += xk * cv[u];
       }
     }
   }
+  V check = {};
   for (int b = 0; b < TB; ++b) {
     scalar_t* out = static_cast<scalar_t*>(v.out) + (t + b) * v.out_stride_t;
-    for (int j = j0; j < n && j < j0 + JV * L; ++j) {
+    int j = j0;
+    for (int u = 0; u < JV && j + L <= n; ++u, j += L) store_lanes<V, scalar_t, acc_t, L>(out + j, acc[b][u], check);
+    for (; j < n && j < j0 + JV * L; ++j) {  // a rank below its bucket: the last lanes one by one
       const scalar_t value = static_cast<scalar_t>(acc[b][(j - j0) / L][(j - j0) % L]);
       finite = finite && fr_isfinite(static_cast<acc_t>(value));
       out[j] = value;
     }
   }
+  finite = finite && lanes_all_zero<V, L>(check);
 }
 
-// B factors: tiles of TB rows × JV vectors of j (about 12 accumulators), single rows for the tail.
+// B factors: tiles of TB rows × JV vectors of j (about kTileAccumulators), single rows for the tail.
 template <typename scalar_t, typename acc_t, int R>
 void aggregate_rows_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
                                  bool& finite) {
-  using S = Simd<acc_t, (R * sizeof(acc_t) < 32 ? R * sizeof(acc_t) : 32)>;
+  using S = RowSimd<acc_t, R>;
   constexpr int L = S::lanes;
   constexpr int U = R / L;
   constexpr int JV = U < 4 ? U : 4;
-  constexpr int TB = 12 / JV;
+  constexpr int TB = kTileAccumulators / JV;
   int64_t t = t0;
   for (; t + TB <= t0 + rows; t += TB)
     for (int j0 = 0; j0 < n; j0 += JV * L) aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB, JV>(p, v, n, t, j0, finite);
@@ -328,7 +374,7 @@ void aggregate_pass(const GroupParams& p) {
       const int64_t rows = std::min(kChunkRows, v.rows - t0);
       aggregate_chunk<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
     }
-    if (!finite) __atomic_store_n(p.status, 1, __ATOMIC_RELAXED);
+    if (!finite) __atomic_fetch_or(p.status, kStatusAggregateNonfinite, __ATOMIC_RELAXED);
   });
 }
 

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) aggregate_kernel(GroupParams p) {
       out[t * v.out_stride_t + j * v.out_stride_j] = value;
     }
   }
-  if (!finite) atomicOr(p.status, 1);
+  if (!finite) atomicOr(p.status, kStatusAggregateNonfinite);
 }
 
 // Covariance splits along T so that small L·N still fills the GPU; the

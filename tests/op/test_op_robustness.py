@@ -135,3 +135,41 @@ def test_clip_norm_catches_updates_whose_norm_overflows_float32(device):
     out = fedrot_ext.align_and_aggregate(A, B, ref_A=p.ref_A, weights=[1.0, 1.0], clip_norm=1.0)
     assert torch.isfinite(out.A[0]).all() and torch.isfinite(out.B[0]).all()
     assert float(out.A[0].norm()) < 10 and float(out.B[0].norm()) < 10
+
+
+# (r, in, out) with d not a multiple of the vector width, a rank padded into its bucket, and one
+# above the fused buckets (ATen fallback); the poisoned element sits in each view's vector tail.
+STATUS_SHAPES = [(3, 37, 29), (16, 67, 45), (70, 21, 19)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_nonfinite_reference_sets_its_own_status_bit(dtype, transposed, device):
+    """The op reports a NaN/Inf reference of an aligned layer as STATUS_REFERENCE_NONFINITE, on every
+    kernel path (A and B views, contiguous or transposed storage, fused or fallback rank); a NaN in
+    the reference of a layer that does not align is not read, and a clean call reports nothing."""
+    from fedrot_ext._types import ALIGN_CODES, STATUS_REFERENCE_NONFINITE
+
+    p = make_problem(STATUS_SHAPES, n_clients=3, dtype=dtype, seed=11).to(device)
+    layout = (lambda t: t.t().contiguous().t()) if transposed else (lambda t: t)  # same values, other strides
+    w = (p.weights / p.weights.sum()).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    lam = torch.full((len(STATUS_SHAPES),), 0.5, dtype=w.dtype, device=device)
+
+    def status(ref_A, ref_B, aligns):
+        codes = [ALIGN_CODES[a] for a in aligns]
+        out = torch.ops.fedrot_ext.align_and_aggregate(p.A, p.B, [layout(t) for t in ref_A], [layout(t) for t in ref_B],
+                                                      w, codes, lam, False)
+        return int(out[3].item())
+
+    assert status(p.ref_A, p.ref_B, ["AB"] * 3) == 0, f"seed={p.seed}"
+    for layer in range(len(STATUS_SHAPES)):
+        for factor, value, where in (("A", math.nan, "first"), ("A", math.inf, "last"), ("B", math.inf, "first"),
+                                     ("B", math.nan, "last")):
+            refs = {"A": list(p.ref_A), "B": list(p.ref_B)}
+            position = 1 if where == "first" else refs[factor][layer].numel() - 1  # in a vector, in the tail
+            refs[factor][layer] = poisoned(refs[factor][layer], value, position=position)
+            aligns = ["AB"] * 3
+            got = status(refs["A"], refs["B"], aligns)
+            assert got == STATUS_REFERENCE_NONFINITE, f"{factor} layer {layer} {where}: status {got} (seed={p.seed})"
+            aligns[layer] = "B" if factor == "A" else "A"  # the poisoned reference is not read
+            assert status(refs["A"], refs["B"], aligns) == 0, f"{factor} layer {layer} unread (seed={p.seed})"

@@ -1,0 +1,123 @@
+// Explicit SIMD for the CPU kernels through GCC/Clang vector types: the vector
+// and register-file sizes the tiles are cut to, and loads and stores that widen
+// half-precision inputs to the accumulate type in registers.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace fedrot {
+
+// Explicit SIMD through GCC/Clang vector types, compiled to AVX-512, AVX2/FMA
+// or SSE by the host flags in setup.py. The widest vector and the register
+// file size the tiles below: AVX-512 has 32 vector registers, AVX2 16.
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+constexpr int kVectorBytes = 64, kVectorRegisters = 32;
+#else
+constexpr int kVectorBytes = 32, kVectorRegisters = 16;
+#endif
+// Accumulators per register tile: the rest of the file holds the operands.
+constexpr int kTileAccumulators = kVectorRegisters == 32 ? 24 : 12;
+
+template <typename acc_t, int Bytes>
+struct Simd {
+  typedef acc_t type __attribute__((vector_size(Bytes)));
+  static constexpr int lanes = Bytes / int(sizeof(acc_t));
+};
+
+// The vector for rows of R values of acc_t: R lanes, or the widest vector.
+template <typename acc_t, int R>
+using RowSimd = Simd<acc_t, (R * int(sizeof(acc_t)) < kVectorBytes ? R * int(sizeof(acc_t)) : kVectorBytes)>;
+
+template <typename V, typename scalar_t, int L>
+inline V load_lanes(const scalar_t* x) {
+  V v;
+  for (int q = 0; q < L; ++q) v[q] = x[q];
+  return v;
+}
+
+// Half-precision inputs widen in registers, L lanes per load, never through an
+// fp32 copy: bf16 is the top half of an fp32 (a shift), fp16 goes through F16C.
+template <typename V, int L>
+inline V load_lanes_bf16(const c10::BFloat16* x) {
+  using Narrow = typename Simd<uint16_t, 2 * L>::type;
+  using Wide = typename Simd<uint32_t, 4 * L>::type;
+  Narrow h;
+  std::memcpy(&h, x, sizeof h);
+  const Wide w = __builtin_convertvector(h, Wide) << 16;
+  V v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+template <typename V, int L>
+inline V load_lanes_fp16(const c10::Half* x) {
+#if defined(__AVX512F__)
+  if constexpr (L == 16 && sizeof(V) == 64) {
+    const __m512 w = _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+    V v;
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
+#endif
+#if defined(__F16C__)
+  if constexpr (L == 8 && sizeof(V) == 32) {
+    const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+    V v;
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
+#endif
+  V v;
+  for (int q = 0; q < L; ++q) v[q] = static_cast<float>(x[q]);
+  return v;
+}
+
+template <typename V, typename scalar_t, int L>
+inline V load_lanes_widened(const scalar_t* x) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return load_lanes_bf16<V, L>(x);
+  else if constexpr (std::is_same_v<scalar_t, c10::Half>) return load_lanes_fp16<V, L>(x);
+  else return load_lanes<V, scalar_t, L>(x);
+}
+
+
+// Stores L lanes as scalar_t (round to nearest even) and adds x - x of each lane,
+// before and after rounding, to `check`: 0 while every stored value is finite.
+template <typename V, typename scalar_t, typename acc_t, int L>
+inline void store_lanes(scalar_t* out, const V v, V& check) {
+  V stored;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(out, &v, sizeof v);
+    stored = v;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    using Narrow = typename Simd<uint16_t, 2 * L>::type;
+    using Wide = typename Simd<uint32_t, 4 * L>::type;
+    Wide bits;
+    std::memcpy(&bits, &v, sizeof v);
+    bits = (bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16;  // NaN may round to anything: `v - v` catches it
+    const Narrow h = __builtin_convertvector(bits, Narrow);
+    std::memcpy(out, &h, sizeof h);
+    stored = load_lanes_bf16<V, L>(out);
+  } else {
+    for (int q = 0; q < L; ++q) out[q] = static_cast<scalar_t>(v[q]);
+    stored = load_lanes_widened<V, scalar_t, L>(out);
+  }
+  check += (v - v) + (stored - stored);
+}
+
+template <typename V, int L>
+inline bool lanes_all_zero(const V check) {
+  decltype(check[0] + 0) sum = 0;
+  for (int q = 0; q < L; ++q) sum += check[q];
+  return sum == 0;  // NaN in any lane makes the sum NaN
+}
+
+}  // namespace fedrot
