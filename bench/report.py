@@ -64,14 +64,38 @@ def markdown(paths: List[str]) -> str:
     for path in paths:
         for r in json.loads(Path(path).read_text())["rows"]:
             merged[(r["config"], r["impl"])] = r
-    lines = ["| config | impl | median ms | vs (b) | vs (c) | GB/s | % copy BW | GFLOP/s | peak extra MiB | err vs fp64 | others' CPU | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| config | impl | median ms | vs (b) | vs (c) | GB/s | % copy BW | GFLOP/s | roofline ms | % of roofline "
+             "| peak extra MiB | err vs fp64 | others' CPU | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in merged.values():
         if "skipped" in r:
-            lines.append(f"| {r['config']} | {LABEL[r['impl']]} | skipped: {r['skipped']} | | | | | | | | | |")
+            lines.append(f"| {r['config']} | {LABEL[r['impl']]} | skipped: {r['skipped']} | | | | | | | | | | | |")
             continue
         c = _cells(r)
         note = "(b) " + c["note"] if c["note"] else ""
         lines.append(f"| {r['config']} | {LABEL[r['impl']]} | {r['median_ms']:.2f} | {c['vs_b']} | {c['vs_c']} | {r['GBps']:.2f} | "
-                     f"{100 * r['copy_frac']:.1f} | {r['GFLOPs']:.1f} | {c['mem']} | {c['err']} | {_busy(r)} | {note} |")
+                     f"{100 * r['copy_frac']:.1f} | {r['GFLOPs']:.1f} | {r['floor_ms']:.2f} | {100 * r['floor_frac']:.0f} | "
+                     f"{c['mem']} | {c['err']} | {_busy(r)} | {note} |")
+    return "\n".join(lines)
+
+
+def summary(paths: List[str]) -> str:
+    """Markdown: per align mode, model and dtype, the fused op's worst and median speed-up over batched
+    PyTorch, how many configs reach 1.5x, and its fraction of the roofline at r >= 16."""
+    groups: Dict[tuple, List[dict]] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for r in data["rows"]:
+            if r["impl"] == "fused" and "skipped" not in r and "speedup_vs_batched" in r:
+                groups.setdefault((data["args"]["align"], r["model"], r["dtype"]), []).append(r)
+    lines = ["| align | shapes | dtype | configs | fused vs batched: worst (config) | median | >= 1.5x | % of roofline at r >= 16 |",
+             "|---|---|---|---:|---|---:|---:|---|"]
+    for (align, model, dtype), rows in groups.items():
+        ratios = sorted(r["speedup_vs_batched"] for r in rows)
+        worst = min(rows, key=lambda r: r["speedup_vs_batched"])
+        roof = [100 * r["floor_frac"] for r in rows if r["r"] >= 16]
+        roof_cell = f"{min(roof):.0f}–{max(roof):.0f} %" if roof else "-"
+        lines.append(f"| {align} | {model} | {dtype} | {len(rows)} | {worst['speedup_vs_batched']:.2f}x "
+                     f"(N = {worst['N']}, r = {worst['r']}) | {ratios[len(ratios) // 2]:.2f}x | "
+                     f"{sum(x >= 1.5 for x in ratios)}/{len(ratios)} | {roof_cell} |")
     return "\n".join(lines)

@@ -175,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-mib", type=int, default=None, help="size of the copy-bandwidth probe (default cpu 256, cuda 2048)")
     p.add_argument("--mm-size", type=int, default=None, help="size of the matmul-rate probe (default cpu 2048, cuda 8192)")
     p.add_argument("--markdown", nargs="+", metavar="JSON", help="print a markdown table of these JSON outputs and exit")
+    p.add_argument("--summary", nargs="+", metavar="JSON",
+                   help="print the per-align, model and dtype summary of these JSON outputs (fused vs batched) and exit")
     return p
 
 
@@ -183,6 +185,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.markdown:
         print(report.markdown(args.markdown))
+        return 0
+    if args.summary:
+        print(report.summary(args.summary))
         return 0
 
     if args.threads:

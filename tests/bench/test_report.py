@@ -1,0 +1,31 @@
+"""bench/report.py tables from real run_bench.py outputs on the tiny config (structure, never timings)."""
+import json
+
+from bench import report, run_bench
+
+
+def _run(tmp_path, align):
+    out = tmp_path / f"grid_{align}.json"
+    argv = ["--configs", "tiny_N3_r4_fp32,tiny_N3_r16_fp32", "--impls", "fused,batched", "--align", align,
+            "--warmup", "0", "--repeats", "3", "--copy-mib", "8", "--mm-size", "128", "--ref-layers", "0", "--out", str(out)]
+    assert run_bench.main(argv) == 0
+    return out
+
+
+def test_summary_and_markdown_report_every_config_with_its_roofline(tmp_path):
+    paths = [str(_run(tmp_path, align)) for align in ("A", "B")]
+    rows = [r for p in paths for r in json.loads(open(p).read())["rows"] if r["impl"] == "fused"]
+    lines = report.summary(paths).splitlines()
+    assert len(lines) == 2 + 2  # header, rule, one line per align (one model, one dtype)
+    for line, align in zip(lines[2:], ("A", "B")):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:4] == [align, "tiny", "fp32", "2"]
+        ratios = [r["speedup_vs_batched"] for r in rows[:2]] if align == "A" else [r["speedup_vs_batched"] for r in rows[2:]]
+        assert cells[4].startswith(f"{min(ratios):.2f}x")
+        assert cells[6] == f"{sum(x >= 1.5 for x in ratios)}/2"
+        assert cells[7].endswith("%")  # r = 16 is in: a roofline fraction is reported
+    table = report.markdown(paths[:1])
+    assert "| roofline ms | % of roofline |" in table
+    fused = next(line for line in table.splitlines() if line.startswith("| tiny_N3_r16_fp32 | fused (a) |"))
+    row = next(r for r in rows[:2] if r["config"] == "tiny_N3_r16_fp32")
+    assert f"| {row['floor_ms']:.2f} | {100 * row['floor_frac']:.0f} |" in fused
