@@ -68,8 +68,8 @@ FactorView make_view(const Tensor& x, int64_t dim_t, int64_t dim_j, const Tensor
   return v;
 }
 
-// The references a fused group's aligned layers read, checked for NaN/Inf by ATen
-// reductions (no sync). The CPU kernel checks them itself, as it reads them.
+// The references these layers' modes read, checked for NaN/Inf by ATen reductions
+// (no sync). The fused CPU kernel checks them itself, as it reads them.
 void flag_nonfinite_references(const std::vector<size_t>& layer_ids, const RefList& ref_A, const RefList& ref_B,
                                at::IntArrayRef align, Tensor& status) {
   for (size_t l : layer_ids)
@@ -176,6 +176,7 @@ AlignAggregateResult align_and_aggregate_impl(TensorList A, TensorList B, const 
     buckets[rank_bucket(r)].push_back(l);
   }
   for (const auto& [bucket, layer_ids] : buckets) {
+    if (bucket == 0 || !first.is_cpu()) flag_nonfinite_references(layer_ids, ref_A, ref_B, align, out.status);
     if (bucket == 0) {  // ranks above the compiled buckets
       for (size_t l : layer_ids) {
         align_aggregate_layer_aten(A[l], B[l], ref_of(ref_A, l, uses_A(align[l])), ref_of(ref_B, l, uses_B(align[l])),
@@ -184,7 +185,6 @@ AlignAggregateResult align_and_aggregate_impl(TensorList A, TensorList B, const 
       }
       continue;
     }
-    if (!first.is_cpu()) flag_nonfinite_references(layer_ids, ref_A, ref_B, align, out.status);
     const GroupTables tables = build_tables(layer_ids, A, B, ref_A, ref_B, align, out);
     run_group(tables, group_params(tables, weights, lam_c, allow_reflection, out), bucket, first, weights);
   }

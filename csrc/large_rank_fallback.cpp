@@ -44,8 +44,6 @@ void align_aggregate_layer_aten(const at::Tensor& A, const at::Tensor& B, const 
   if (identity) {
     R = at::eye(n, rotations.options()).expand({N, n, n});
   } else {
-    for (const at::Tensor& ref : {ref_A, ref_B})
-      if (ref.defined()) status.bitwise_or_(ref.isfinite().all().logical_not().to(at::kInt) * kStatusReferenceNonfinite);
     at::Tensor M = at::zeros({N, n, n}, rotations.options());
     if (ref_A.defined()) M = M + at::matmul(a, ref_A.to(acc).t());
     if (ref_B.defined()) M = M + at::matmul(b.transpose(1, 2), ref_B.to(acc));

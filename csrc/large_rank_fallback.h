@@ -10,8 +10,9 @@ namespace fedrot {
 // Batched soft Procrustes (..., n, n) -> (..., n, n), same rules as common/polar.h.
 at::Tensor soft_procrustes_aten(const at::Tensor& M, const at::Tensor& lam, bool allow_reflection);
 
-// One layer: fills out_A (n, in), out_B (out, n), rotations (N, n, n); ORs the
-// kStatus* bits (align_aggregate.h) into status. ref_A / ref_B are undefined when not aligned.
+// One layer: fills out_A (n, in), out_B (out, n), rotations (N, n, n); ORs
+// kStatusAggregateNonfinite (align_aggregate.h) into status (the front checks the
+// references). ref_A / ref_B are undefined when not aligned.
 void align_aggregate_layer_aten(const at::Tensor& A, const at::Tensor& B, const at::Tensor& ref_A,
                                 const at::Tensor& ref_B, const at::Tensor& weights, bool identity,
                                 const at::Tensor& lam, bool allow_reflection, at::Tensor& out_A, at::Tensor& out_B,

@@ -191,8 +191,7 @@ bool view_is_finite(const scalar_t* x, int64_t stride_t, int64_t stride_j, int64
       tail += v - v;
     }
   }
-  for (int q = 0; q < L; ++q) tail += check[q];
-  return tail == acc_t(0);
+  return tail == acc_t(0) && lanes_all_zero<V, L>(check);
 }
 
 template <typename scalar_t, typename acc_t, int R>

@@ -16,9 +16,8 @@
 
 namespace fedrot {
 
-// Explicit SIMD through GCC/Clang vector types, compiled to AVX-512, AVX2/FMA
-// or SSE by the host flags in setup.py. The widest vector and the register
-// file size the tiles below: AVX-512 has 32 vector registers, AVX2 16.
+// Compiled to AVX-512, AVX2/FMA or SSE by the host flags in setup.py. The widest
+// vector and the register file size the tiles: AVX-512 has 32 registers, AVX2 16.
 #if defined(__AVX512F__) && defined(__AVX512VL__)
 constexpr int kVectorBytes = 64, kVectorRegisters = 32;
 #else
@@ -46,13 +45,17 @@ inline V load_lanes(const scalar_t* x) {
 
 // Half-precision inputs widen in registers, L lanes per load, never through an
 // fp32 copy: bf16 is the top half of an fp32 (a shift), fp16 goes through F16C.
+// L lanes of bf16 bit patterns, and the fp32 bit patterns they widen to.
+template <int L>
+using Bf16Bits = typename Simd<uint16_t, 2 * L>::type;
+template <int L>
+using Fp32Bits = typename Simd<uint32_t, 4 * L>::type;
+
 template <typename V, int L>
 inline V load_lanes_bf16(const c10::BFloat16* x) {
-  using Narrow = typename Simd<uint16_t, 2 * L>::type;
-  using Wide = typename Simd<uint32_t, 4 * L>::type;
-  Narrow h;
+  Bf16Bits<L> h;
   std::memcpy(&h, x, sizeof h);
-  const Wide w = __builtin_convertvector(h, Wide) << 16;
+  const Fp32Bits<L> w = __builtin_convertvector(h, Fp32Bits<L>) << 16;
   V v;
   std::memcpy(&v, &w, sizeof v);
   return v;
@@ -88,7 +91,6 @@ inline V load_lanes_widened(const scalar_t* x) {
   else return load_lanes<V, scalar_t, L>(x);
 }
 
-
 // Stores L lanes as scalar_t (round to nearest even) and adds x - x of each lane,
 // before and after rounding, to `check`: 0 while every stored value is finite.
 template <typename V, typename scalar_t, typename acc_t, int L>
@@ -98,12 +100,10 @@ inline void store_lanes(scalar_t* out, const V v, V& check) {
     std::memcpy(out, &v, sizeof v);
     stored = v;
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    using Narrow = typename Simd<uint16_t, 2 * L>::type;
-    using Wide = typename Simd<uint32_t, 4 * L>::type;
-    Wide bits;
+    Fp32Bits<L> bits;
     std::memcpy(&bits, &v, sizeof v);
     bits = (bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16;  // NaN may round to anything: `v - v` catches it
-    const Narrow h = __builtin_convertvector(bits, Narrow);
+    const Bf16Bits<L> h = __builtin_convertvector(bits, Bf16Bits<L>);
     std::memcpy(out, &h, sizeof h);
     stored = load_lanes_bf16<V, L>(out);
   } else {
