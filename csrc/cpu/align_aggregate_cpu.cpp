@@ -80,13 +80,21 @@ void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
           for (int b = 0; b < JB; ++b) part[(j0 + a) * R + k0 + b] += acc[a][b];
       }
   }
-  for (int j = 0; j < n; ++j)
+  // Lanes summed in order q = 0..L-1 for each (j, k), with k innermost: R
+  // independent add chains instead of one serial chain of R·L adds per row j,
+  // which cost as much as the FMAs at d = 1024, r = 16.
+  const acc_t* lanes = reinterpret_cast<const acc_t*>(part);
+  for (int j = 0; j < n; ++j) {
+    acc_t sum[R] = {};
+    for (int q = 0; q < L; ++q)
+#pragma GCC unroll 16
+      for (int k = 0; k < R; ++k) sum[k] += lanes[(j * R + k) * L + q];
     for (int k = 0; k < n; ++k) {
-      acc_t sum = 0;
-      for (int q = 0; q < L; ++q) sum += part[j * R + k][q];
-      for (int64_t u = T_vec; u < T; ++u) sum += static_cast<acc_t>(x[j * sx + u]) * static_cast<acc_t>(y[k * sy + u]);
-      M[j * R + k] += sum;
+      for (int64_t u = T_vec; u < T; ++u)
+        sum[k] += static_cast<acc_t>(x[j * sx + u]) * static_cast<acc_t>(y[k * sy + u]);
+      M[j * R + k] += sum[k];
     }
+  }
 }
 
 // B factors (j contiguous) at full rank n = R: M[j][k] = Σ_t x[t][j] y[t][k],
@@ -272,23 +280,32 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
 
 // TB rows of a B factor (j contiguous in input and output), JV vectors of j
 // from j0: out[t][j] = Σ_i Σ_k x_i[t][k] C_i[k][j], x read in place. Each C
-// vector loaded serves TB rows.
-template <typename scalar_t, typename acc_t, int R, int TB, int JV>
+// vector loaded serves TB rows. ST: the row stride when it is R (dense rows at
+// full rank), so the TB row addresses are one base plus constants (a runtime
+// stride needs TB base registers, which spill); 0 = v.stride_t. Dense tiles
+// prefetch the same client's next tile: N interleaved streams of TB·R values
+// are more than the hardware prefetcher follows (the broadcasts stalled on them).
+template <typename scalar_t, typename acc_t, int R, int TB, int JV, int ST>
 void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t, int j0, bool& finite) {
   using S = RowSimd<acc_t, R>;
   using V = typename S::type;
   constexpr int L = S::lanes;
+  constexpr int kNextTileLines = ST ? (TB * ST * int(sizeof(scalar_t)) + 63) / 64 : 0;
+  const int64_t stride_t = ST ? int64_t(ST) : v.stride_t;
   V acc[TB][JV] = {};
   for (int64_t i = 0; i < p.num_clients; ++i) {
-    const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t * v.stride_t;
+    const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t * stride_t;
     const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
+    if (j0 == 0)
+#pragma GCC unroll 32
+      for (int c = 0; c < kNextTileLines; ++c) __builtin_prefetch(reinterpret_cast<const char*>(x + TB * ST) + 64 * c);
     for (int k = 0; k < n; ++k) {
       V cv[JV];
 #pragma GCC unroll 8
       for (int u = 0; u < JV; ++u) cv[u] = load_lanes<V, acc_t, L>(C + k * R + u * L);
 #pragma GCC unroll 32
       for (int b = 0; b < TB; ++b) {
-        const acc_t xk = static_cast<acc_t>(x[b * v.stride_t + k]);
+        const acc_t xk = static_cast<acc_t>(x[b * stride_t + k]);
 #pragma GCC unroll 8
         for (int u = 0; u < JV; ++u) acc[b][u] += xk * cv[u];
       }
@@ -308,8 +325,9 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
   finite = finite && lanes_all_zero<V, L>(check);
 }
 
-// B factors: tiles of TB rows × JV vectors of j (about kTileAccumulators), single rows for the tail.
-template <typename scalar_t, typename acc_t, int R>
+// B factors: tiles of TB rows × JV vectors of j (about kTileAccumulators), then
+// tiles of 8 and single rows for the tail (a 64-row chunk is 24 + 24 + 8 + 8).
+template <typename scalar_t, typename acc_t, int R, int ST>
 void aggregate_rows_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
                                  bool& finite) {
   using S = RowSimd<acc_t, R>;
@@ -317,11 +335,16 @@ void aggregate_rows_j_contiguous(const GroupParams& p, const FactorView& v, int 
   constexpr int U = R / L;
   constexpr int JV = U < 4 ? U : 4;
   constexpr int TB = kTileAccumulators / JV;
+  constexpr int TB_TAIL = TB > 8 ? 8 : 1;
   int64_t t = t0;
   for (; t + TB <= t0 + rows; t += TB)
-    for (int j0 = 0; j0 < n; j0 += JV * L) aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB, JV>(p, v, n, t, j0, finite);
+    for (int j0 = 0; j0 < n; j0 += JV * L)
+      aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB, JV, ST>(p, v, n, t, j0, finite);
+  for (; t + TB_TAIL <= t0 + rows; t += TB_TAIL)
+    for (int j0 = 0; j0 < n; j0 += JV * L)
+      aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB_TAIL, JV, ST>(p, v, n, t, j0, finite);
   for (; t < t0 + rows; ++t)
-    for (int j0 = 0; j0 < n; j0 += JV * L) aggregate_tile_j_contiguous<scalar_t, acc_t, R, 1, JV>(p, v, n, t, j0, finite);
+    for (int j0 = 0; j0 < n; j0 += JV * L) aggregate_tile_j_contiguous<scalar_t, acc_t, R, 1, JV, 0>(p, v, n, t, j0, finite);
 }
 
 // Any layout (transposed or strided views, and tails): stage X_i rows in a
@@ -355,7 +378,8 @@ void aggregate_chunk(const GroupParams& p, const FactorView& v, int n, int64_t t
     const int64_t done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
     if (done < rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0 + done, rows - done, finite);
   } else if (v.stride_j == 1 && v.out_stride_j == 1) {
-    aggregate_rows_j_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
+    if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0, rows, finite);
+    else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0, rows, finite);
   } else {
     aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
   }
