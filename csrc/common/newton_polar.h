@@ -22,11 +22,13 @@ template <> struct Eps<double> { static constexpr double value = 2.2204460492503
 // With Frobenius scaling, 9 steps reach double precision from cond 1e16.
 constexpr int kMaxNewtonSteps = 16;
 
-// In-place Gauss-Jordan inverse with partial (row) pivoting; `perm` holds R
-// ints. Sets *det_sign to the sign of det A. False when a pivot falls below
+// In-place Gauss-Jordan inverse with partial (row) pivoting, leaving the
+// columns permuted: afterwards A⁻¹[:, j] = A[:, col[j]] (`col` holds R ints).
+// Callers that read A⁻¹ through `col` skip the n strided column swaps.
+// Sets *det_sign to the sign of det A. False when a pivot falls below
 // n·eps of the largest entry: the inverse would be mostly rounding error.
 template <typename T, int R, int C>
-FR_HD bool invert_in_place(T* A, int* perm, int n_runtime, int* det_sign) {
+FR_HD bool gauss_jordan_in_place(T* A, int* col, int n_runtime, int* det_sign) {
   const int n = C ? C : n_runtime;
   T lanes[R] = {};  // per-column partial results vectorise; one serial chain would not
   for (int a = 0; a < n; ++a)
@@ -35,12 +37,21 @@ FR_HD bool invert_in_place(T* A, int* perm, int n_runtime, int* det_sign) {
   for (int b = 0; b < n; ++b) amax = fr_max(amax, lanes[b]);
   const T tiny = amax * T(n) * Eps<T>::value;
   int sign = 1;
+  int rows[R];  // rows[i]: the row of A now at position i
+  for (int j = 0; j < n; ++j) rows[j] = j;
   for (int k = 0; k < n; ++k) {
+    // The running maximum is kept by value: comparing against A[piv][k]
+    // would make every step wait on a load addressed by the previous one.
     int piv = k;
-    for (int i = k + 1; i < n; ++i)
-      if (fr_abs(A[i * R + k]) > fr_abs(A[piv * R + k])) piv = i;
-    if (!(fr_abs(A[piv * R + k]) > tiny)) return false;  // also catches NaN
-    perm[k] = piv;
+    T best = fr_abs(A[k * R + k]);
+    for (int i = k + 1; i < n; ++i) {
+      const T v = fr_abs(A[i * R + k]);
+      if (v > best) {
+        best = v;
+        piv = i;
+      }
+    }
+    if (!(best > tiny)) return false;  // also catches NaN
     if (piv != k) {
       sign = -sign;
       for (int b = 0; b < n; ++b) {
@@ -48,6 +59,9 @@ FR_HD bool invert_in_place(T* A, int* perm, int n_runtime, int* det_sign) {
         A[k * R + b] = A[piv * R + b];
         A[piv * R + b] = tmp;
       }
+      const int tmp = rows[k];
+      rows[k] = rows[piv];
+      rows[piv] = tmp;
     }
     T* rk = A + k * R;
     if (rk[k] < T(0)) sign = -sign;
@@ -57,7 +71,7 @@ FR_HD bool invert_in_place(T* A, int* perm, int n_runtime, int* det_sign) {
     // vector pass per row, where storing ri[k] = 0 first would stall the
     // wide loads behind it. pivot_row: a copy the compiler sees as unaliased.
     T pivot_row[R], keep[R];
-    for (int b = 0; b < n; ++b) {
+    FR_SIMD for (int b = 0; b < n; ++b) {
       pivot_row[b] = rk[b] *= inv;
       keep[b] = b == k ? T(0) : T(1);
     }
@@ -65,19 +79,25 @@ FR_HD bool invert_in_place(T* A, int* perm, int n_runtime, int* det_sign) {
       if (i == k) continue;
       T* ri = A + i * R;
       const T f = ri[k];
-      for (int b = 0; b < n; ++b) ri[b] = ri[b] * keep[b] - f * pivot_row[b];
+      FR_SIMD for (int b = 0; b < n; ++b) ri[b] = ri[b] * keep[b] - f * pivot_row[b];
     }
   }
-  // Row swaps of A are column swaps of A⁻¹, undone in reverse order.
-  for (int k = n - 1; k >= 0; --k) {
-    if (perm[k] == k) continue;
-    for (int a = 0; a < n; ++a) {
-      const T tmp = A[a * R + k];
-      A[a * R + k] = A[a * R + perm[k]];
-      A[a * R + perm[k]] = tmp;
-    }
-  }
+  // A now holds (P A)⁻¹ = A⁻¹ Pᵀ, P the row permutation: A⁻¹ = (P A)⁻¹ P.
+  for (int i = 0; i < n; ++i) col[rows[i]] = i;
   *det_sign = sign;
+  return true;
+}
+
+// gauss_jordan_in_place with the columns put back: A <- A⁻¹.
+template <typename T, int R, int C>
+FR_HD bool invert_in_place(T* A, int* perm, int n_runtime, int* det_sign) {
+  const int n = C ? C : n_runtime;
+  if (!gauss_jordan_in_place<T, R, C>(A, perm, n, det_sign)) return false;
+  T row[R];
+  for (int a = 0; a < n; ++a) {
+    for (int j = 0; j < n; ++j) row[j] = A[a * R + perm[j]];
+    for (int j = 0; j < n; ++j) A[a * R + j] = row[j];
+  }
   return true;
 }
 
@@ -103,10 +123,12 @@ FR_HD bool newton_polar(T* X, T* Y, int* perm, int n_runtime, int* det_sign) {
   const T tol = T(0.5) * fr_sqrt(fr_sqrt(Eps<T>::value));
   bool scaled = true;
   for (int step = 0; step < kMaxNewtonSteps; ++step) {
-    for (int a = 0; a < n; ++a)  // Y = (Xᵀ)⁻¹ = X⁻ᵀ, laid out as X for the update below
-      for (int b = 0; b < n; ++b) Y[a * R + b] = X[b * R + a];
+    // Y <- X⁻¹ with columns permuted, so X⁻ᵀ[a][b] = X⁻¹[b][a] = Y[b][perm[a]]:
+    // the update reads X⁻ᵀ through that map (no transpose, no column swaps).
+    for (int a = 0; a < n; ++a)
+      for (int b = 0; b < n; ++b) Y[a * R + b] = X[a * R + b];
     int sign = 1;
-    if (!invert_in_place<T, R, C>(Y, perm, n, &sign)) return false;
+    if (!gauss_jordan_in_place<T, R, C>(Y, perm, n, &sign)) return false;
     const T nx = frobenius<T, R, C>(X, n), ny = frobenius<T, R, C>(Y, n);
     // cond_F(M) = ‖M‖‖M⁻¹‖ above 1/eps: the first inverse carries no accuracy.
     if (step == 0) {
@@ -116,13 +138,15 @@ FR_HD bool newton_polar(T* X, T* Y, int* perm, int n_runtime, int* det_sign) {
     const T zeta = scaled ? fr_sqrt(ny / nx) : T(1);
     const T half_zeta = T(0.5) * zeta, half_inv = T(0.5) / zeta;
     T lanes[R] = {};
-    for (int a = 0; a < n; ++a)
+    for (int a = 0; a < n; ++a) {
+      const T* y = Y + perm[a];  // column perm[a] of Y: row a of X⁻ᵀ
       for (int b = 0; b < n; ++b) {
-        const T next = half_zeta * X[a * R + b] + half_inv * Y[a * R + b];
+        const T next = half_zeta * X[a * R + b] + half_inv * y[b * R];
         const T d = next - X[a * R + b];
         lanes[b] += d * d;
         X[a * R + b] = next;
       }
+    }
     T change = 0;
     for (int b = 0; b < n; ++b) change += lanes[b];
     change = fr_sqrt(change);

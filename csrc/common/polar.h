@@ -150,20 +150,21 @@ FR_HD int det_sign(const T* X, T* S, int n) {
 template <typename T, int R, int C>
 FR_HD void refine_orthogonality(T* X, T* E, T* row, int n_runtime) {
   const int n = C ? C : n_runtime;  // C: compile-time size, as in newton_polar.h
-  for (int a = 0; a < n; ++a)
-    for (int b = 0; b < n; ++b) E[a * R + b] = a == b ? T(1) : T(0);
-  for (int k = 0; k < n; ++k)
-    for (int a = 0; a < n; ++a) {
+  for (int a = 0; a < n; ++a) {  // E = I − XᵀX, one row in registers at a time
+    FR_SIMD for (int b = 0; b < n; ++b) row[b] = a == b ? T(1) : T(0);
+    for (int k = 0; k < n; ++k) {
       const T x = X[k * R + a];
-      for (int b = 0; b < n; ++b) E[a * R + b] -= x * X[k * R + b];
+      FR_SIMD for (int b = 0; b < n; ++b) row[b] -= x * X[k * R + b];
     }
+    FR_SIMD for (int b = 0; b < n; ++b) E[a * R + b] = row[b];
+  }
   for (int a = 0; a < n; ++a) {
-    for (int b = 0; b < n; ++b) row[b] = T(0);
+    FR_SIMD for (int b = 0; b < n; ++b) row[b] = T(0);
     for (int k = 0; k < n; ++k) {
       const T x = X[a * R + k];
-      for (int b = 0; b < n; ++b) row[b] += x * E[k * R + b];
+      FR_SIMD for (int b = 0; b < n; ++b) row[b] += x * E[k * R + b];
     }
-    for (int b = 0; b < n; ++b) X[a * R + b] += T(0.5) * row[b];
+    FR_SIMD for (int b = 0; b < n; ++b) X[a * R + b] += T(0.5) * row[b];
   }
 }
 
