@@ -72,6 +72,14 @@ def loop_layers(cfg: Config, caller, device: torch.device, cap_s: float) -> Tupl
     return n_layers, L / n_layers
 
 
+def samples_ms(times: List[float]) -> dict:
+    """The timed calls in ms: all of them when few, else their deciles (min, 10 %, ..., max)."""
+    ms = sorted(t * 1e3 for t in times)
+    if len(ms) <= 64:
+        return {"times_ms": [t * 1e3 for t in times]}
+    return {"deciles_ms": [ms[round(q * (len(ms) - 1) / 10)] for q in range(11)]}
+
+
 def rates(moved: int, fl: int, med: float, ceil: dict) -> dict:
     """Bandwidth, FLOP rate, and the roofline floor (time at the copy or GEMM ceiling, whichever binds)."""
     gbps = moved / med / 1e9
@@ -116,10 +124,10 @@ def run_config(cfg: Config, args, device: torch.device, ceil: dict) -> List[dict
         call = caller(impl, n_layers)
         slow = impl == "loop"
         times = time_calls(call, device, warmup=1 if slow else args.warmup, repeats=3 if slow else args.repeats,
-                           min_repeats=3, max_s=args.max_time)
+                           min_repeats=3, max_s=args.max_time, min_s=0.0 if slow else args.min_time)
         stats = spread(times)
         med = stats["median_s"] * scale
-        row.update(median_ms=med * 1e3, iqr_pct=stats["iqr_pct"], repeats=len(times), times_ms=[t * 1e3 for t in times])
+        row.update(median_ms=med * 1e3, iqr_pct=stats["iqr_pct"], repeats=len(times), **samples_ms(times))
         if scale != 1.0:
             row.update(extrapolated=True, layers_run=n_layers)
         row.update(rates(moved, fl, med, ceil))
@@ -161,6 +169,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-time", type=float, default=20.0, help="stop repeating after this many seconds (min 3 repeats)")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="keep repeating fused and batched calls past --repeats until this many seconds have passed")
     p.add_argument("--loop-cap", type=float, default=3.0, help="seconds per (b) call before it is extrapolated from a subset")
     p.add_argument("--ref-layers", type=int, default=4, help="layers checked against the float64 reference (0: none)")
     p.add_argument("--seed", type=int, default=0)

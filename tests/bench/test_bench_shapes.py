@@ -37,7 +37,7 @@ def test_run_bench_script_smoke(tmp_path):
 
     out = tmp_path / "bench.json"
     run_bench.main(["--configs", "tiny_N3_r4_fp32", "--out", str(out), "--repeats", "2", "--warmup", "1",
-                    "--copy-mib", "16", "--mm-size", "256"])
+                    "--copy-mib", "16", "--mm-size", "256", "--min-time", "0"])
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"fused", "batched", "loop"}
     for r in rows:

@@ -7,7 +7,7 @@ from bench import report, run_bench
 def _run(tmp_path, align):
     out = tmp_path / f"grid_{align}.json"
     argv = ["--configs", "tiny_N3_r4_fp32,tiny_N3_r16_fp32", "--impls", "fused,batched", "--align", align,
-            "--warmup", "0", "--repeats", "3", "--copy-mib", "8", "--mm-size", "128", "--ref-layers", "0", "--out", str(out)]
+            "--warmup", "0", "--repeats", "3", "--min-time", "0", "--copy-mib", "8", "--mm-size", "128", "--ref-layers", "0", "--out", str(out)]
     assert run_bench.main(argv) == 0
     return out
 

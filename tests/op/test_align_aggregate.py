@@ -222,6 +222,28 @@ def test_weights_are_normalised_and_accept_common_types(device):
     assert rel_err(zero.A[0], dropped.A[0]) < 1e-6, f"seed={p.seed}"
 
 
+def test_cpu_layer_by_layer_and_two_pass_schedules_agree_bitwise():
+    """The CPU runs both passes layer by layer when a rank bucket has >= 4 layers per thread, else as two
+    passes over all layers: 6 layers of one bucket take the first at 1 thread and the second at 2 and 3."""
+    p = make_problem([(16, 131, 77), (13, 64, 200), (16, 9, 1030)] * 2, n_clients=5, seed=21)
+    A = [p.A[l].transpose(1, 2).contiguous().transpose(1, 2) if l == 4 else p.A[l] for l in range(6)]  # a strided view too
+    kw = dict(ref_A=p.ref_A, ref_B=p.ref_B, weights=p.weights, align="AB", lam=0.5, return_rotations=True)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(fedrot_ext.align_and_aggregate(A, p.B, **kw))
+    finally:
+        torch.set_num_threads(threads)
+    tensors = lambda out: out.A + out.B + out.rotations  # noqa: E731
+    for n, run in zip((2, 3), runs[1:]):
+        for i, (x, y) in enumerate(zip(tensors(runs[0]), tensors(run))):
+            assert torch.equal(x, y), f"output {i} at {n} threads differs from 1 thread, seed={p.seed}"
+    want = fedrot_ext.align_and_aggregate(p.A, p.B, **kw)  # contiguous layer 4: other kernels, other rounding
+    assert max(rel_err(x, y) for x, y in zip(tensors(want), tensors(runs[0]))) < 1e-5, f"seed={p.seed}"
+
+
 def test_deterministic_across_calls_threads_and_streams(device):
     """Bitwise identical across calls, CPU thread counts and (on CUDA) a non-default stream."""
     p = make_problem([(4, 300, 257), (16, 129, 200), (64, 130, 140)], n_clients=10, seed=12).to(device)
