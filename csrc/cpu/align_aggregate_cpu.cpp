@@ -411,6 +411,11 @@ void aggregate_pass(const GroupParams& p) {
                    [&](int64_t begin, int64_t end) { aggregate_chunks<scalar_t, acc_t, R>(p, begin, end); });
 }
 
+// One past the last row chunk of layer l (its chunks start at its A view's).
+int64_t layer_chunks_end(const GroupParams& p, int64_t l) {
+  return l + 1 < p.num_layers ? p.views[2 * l + 2].chunk_begin : p.num_chunks;
+}
+
 // Both passes layer by layer, parallel over layers: the aggregation reads a layer's clients again
 // from this core's L2 (RoBERTa r = 16, N = 3: 256 KB with the reference) rather than from L3 or DRAM.
 // The same kernels produce every output element, so the result is that of the two-pass split.
@@ -419,14 +424,21 @@ void layer_pass(const GroupParams& p) {
   at::parallel_for(0, p.num_layers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t l = begin; l < end; ++l) {
       rotate_clients<scalar_t, acc_t, R>(p, l * p.num_clients, (l + 1) * p.num_clients);
-      aggregate_chunks<scalar_t, acc_t, R>(p, p.views[2 * l].chunk_begin,
-                                           l + 1 < p.num_layers ? p.views[2 * l + 2].chunk_begin : p.num_chunks);
+      aggregate_chunks<scalar_t, acc_t, R>(p, p.views[2 * l].chunk_begin, layer_chunks_end(p, l));
     }
   });
 }
 
-// Layers per thread from which parallelism over layers balances as well as over (layer, client) and row chunks.
+// Parallelism over layers balances as well as over (layer, client) and row chunks when every thread
+// gets at least this many layers' worth of rows, the largest layer counting as one.
 constexpr int64_t kLayersPerThread = 4;
+
+bool layers_balance(const GroupParams& p) {
+  int64_t largest = 0;
+  for (int64_t l = 0; l < p.num_layers; ++l)
+    largest = std::max(largest, layer_chunks_end(p, l) - p.views[2 * l].chunk_begin);
+  return largest * kLayersPerThread * at::get_num_threads() <= p.num_chunks;
+}
 
 // Both passes for one rank bucket; the tables stay on the host.
 void run_group_cpu(const GroupTables& t, GroupParams p, int bucket, const at::Tensor& first,
@@ -441,7 +453,7 @@ void run_group_cpu(const GroupTables& t, GroupParams p, int bucket, const at::Te
     using acc_t = acc_type_t<scalar_t>;
     dispatch_rank_bucket(bucket, [&](auto rank) {
       constexpr int R = decltype(rank)::value;
-      if (p.num_layers >= kLayersPerThread * at::get_num_threads()) return layer_pass<scalar_t, acc_t, R>(p);
+      if (layers_balance(p)) return layer_pass<scalar_t, acc_t, R>(p);
       rotations_pass<scalar_t, acc_t, R>(p);
       aggregate_pass<scalar_t, acc_t, R>(p);
     });

@@ -223,9 +223,10 @@ def test_weights_are_normalised_and_accept_common_types(device):
 
 
 def test_cpu_layer_by_layer_and_two_pass_schedules_agree_bitwise():
-    """The CPU runs both passes layer by layer when a rank bucket has >= 4 layers per thread, else as two
-    passes over all layers: 6 layers of one bucket take the first at 1 thread and the second at 2 and 3."""
-    p = make_problem([(16, 131, 77), (13, 64, 200), (16, 9, 1030)] * 2, n_clients=5, seed=21)
+    """The CPU runs both passes layer by layer when each thread gets >= 4 times the rows of the largest
+    layer, else as two passes over all layers: these 6 layers of one rank bucket hold 28 row chunks of 64,
+    at most 5 in a layer, so 1 thread takes the first schedule and 2 and 3 threads the second."""
+    p = make_problem([(16, 131, 77), (13, 70, 140), (16, 100, 101)] * 2, n_clients=5, seed=21)
     A = [p.A[l].transpose(1, 2).contiguous().transpose(1, 2) if l == 4 else p.A[l] for l in range(6)]  # a strided view too
     kw = dict(ref_A=p.ref_A, ref_B=p.ref_B, weights=p.weights, align="AB", lam=0.5, return_rotations=True)
     threads = torch.get_num_threads()
