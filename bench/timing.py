@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import statistics
 import time
 from typing import Callable, List, Optional
@@ -41,9 +42,7 @@ def time_calls(fn: Callable[[int], object], device, warmup: int, repeats: int, m
     times: List[float] = []
     began = time.perf_counter()
     deadline, enough = began + max_s, began + min_s
-    k = -1
-    while True:
-        k += 1
+    for k in itertools.count():
         now = time.perf_counter()
         if (k >= repeats and now >= enough) or (k >= min_repeats and now > deadline):
             break

@@ -1,8 +1,10 @@
 // Fast path of the r×r polar factor (used by common/polar.h): the scaled
-// Newton iteration X <- (ζX + (ζX)^{-T}) / 2 (Higham 1986) converges
-// quadratically to U Vᵀ in 5-9 steps, each one Gauss-Jordan inverse (n³ FMAs
-// over contiguous rows), where one Jacobi sweep costs ~11 n³ and ~6 are
-// needed. Each function returns false when it cannot vouch for its result
+// Newton iteration X <- (ζX + (ζX)^{-T}) / 2 (Higham 1986) until X is near
+// orthogonal, then Newton–Schulz steps X <- X + X (I − XᵀX) / 2 to working
+// precision. A Newton step costs one Gauss-Jordan inverse (n³ FMAs along a
+// serial chain of pivots); a Schulz step is two matrix products, about a fifth
+// of the time at r = 16 on the CPU, and squares the distance to orthogonality.
+// Each function returns false when it cannot vouch for its result
 // (near-singular input, no convergence); polar.h then takes the Jacobi path.
 //
 // Matrices are dense row-major with a compile-time row stride R. Each
@@ -21,6 +23,15 @@ template <> struct Eps<double> { static constexpr double value = 2.2204460492503
 
 // With Frobenius scaling, 9 steps reach double precision from cond 1e16.
 constexpr int kMaxNewtonSteps = 16;
+// Schulz steps take over once ‖I − XᵀX‖_F is at most this (X scaled to unit RMS
+// singular value): every singular value is then within (1/2, sqrt(7)/2), where each
+// step maps the defect e to at most e²(3 + e)/4, which reaches sqrt(eps) in ≤ 7 steps.
+constexpr double kSchulzStart = 0.75;
+constexpr int kMaxSchulzSteps = 10;
+// Only up to this rank bucket: at r = 32 and 64 (one core, 2026-12-04) two r³ products per
+// step cost more than Newton's last inverses (64 × 64: 59 → 99 µs per polar factor), so those
+// buckets run Newton to convergence and finish with one Schulz step.
+constexpr int kMaxSchulzRank = 16;
 
 // In-place Gauss-Jordan inverse with partial (row) pivoting, leaving the
 // columns permuted: afterwards A⁻¹[:, j] = A[:, col[j]] (`col` holds R ints).
@@ -112,24 +123,107 @@ FR_HD T frobenius(const T* X, int n_runtime) {
   return fr_sqrt(sum);
 }
 
-// X (row-major, holding M) <- its orthogonal polar factor, nearly converged:
-// the last step's change is below eps^(1/4)/2, so the remaining error in each
-// singular value is below sqrt(eps)/8 and one Björck step (polar.h) finishes
-// it. Y and perm are scratch. *det_sign = sign det M. False when M is too
-// ill-conditioned for the working precision (Jacobi handles it) or no convergence.
+// E = I − s·XᵀX, one row in registers at a time; returns ‖E‖_F.
 template <typename T, int R, int C>
-FR_HD bool newton_polar(T* X, T* Y, int* perm, int n_runtime, int* det_sign) {
+FR_HD T gram_defect(const T* X, T s, T* E, T* row, int n_runtime) {
   const int n = C ? C : n_runtime;
+  T lanes[R] = {};
+  for (int a = 0; a < n; ++a) {
+    FR_SIMD for (int b = 0; b < n; ++b) row[b] = T(0);
+    for (int k = 0; k < n; ++k) {
+      const T x = X[k * R + a];
+      FR_SIMD for (int b = 0; b < n; ++b) row[b] += x * X[k * R + b];
+    }
+    FR_SIMD for (int b = 0; b < n; ++b) {
+      const T e = (a == b ? T(1) : T(0)) - s * row[b];
+      E[a * R + b] = e;
+      lanes[b] += e * e;
+    }
+  }
+  T sum = 0;
+  for (int b = 0; b < n; ++b) sum += lanes[b];
+  return fr_sqrt(sum);
+}
+
+// X <- X + X E / 2 (E = I − XᵀX): one Newton–Schulz (Björck) step. It keeps
+// det X's sign and the polar factor, and moves every singular value towards 1.
+template <typename T, int R, int C>
+FR_HD void schulz_update(T* X, const T* E, T* row, int n_runtime) {
+  const int n = C ? C : n_runtime;
+  for (int a = 0; a < n; ++a) {
+    FR_SIMD for (int b = 0; b < n; ++b) row[b] = T(0);
+    for (int k = 0; k < n; ++k) {
+      const T x = X[a * R + k];
+      FR_SIMD for (int b = 0; b < n; ++b) row[b] += x * E[k * R + b];
+    }
+    FR_SIMD for (int b = 0; b < n; ++b) X[a * R + b] += T(0.5) * row[b];
+  }
+}
+
+// One Schulz (Björck) step without the defect: E = I − XᵀX, then X <- X + X E / 2.
+template <typename T, int R, int C>
+FR_HD void bjorck_step(T* X, T* E, T* row, int n_runtime) {
+  const int n = C ? C : n_runtime;
+  for (int a = 0; a < n; ++a) {  // E = I − XᵀX, one row in registers at a time
+    FR_SIMD for (int b = 0; b < n; ++b) row[b] = a == b ? T(1) : T(0);
+    for (int k = 0; k < n; ++k) {
+      const T x = X[k * R + a];
+      FR_SIMD for (int b = 0; b < n; ++b) row[b] -= x * X[k * R + b];
+    }
+    FR_SIMD for (int b = 0; b < n; ++b) E[a * R + b] = row[b];
+  }
+  schulz_update<T, R, C>(X, E, row, n);
+}
+
+// X near orthogonal, E = I − XᵀX and defect = ‖E‖_F ≤ kSchulzStart: Schulz
+// steps until the defect is below sqrt(eps), so that the last one leaves it at
+// rounding level. False if the defect stops falling (NaN, or a rounding floor
+// above sqrt(eps), which does not happen at r ≤ 64).
+template <typename T, int R, int C>
+FR_HD bool schulz_finish(T* X, T* E, T* row, int n, T defect) {
+  const T done = fr_sqrt(Eps<T>::value);
+  for (int step = 0; step < kMaxSchulzSteps; ++step) {
+    schulz_update<T, R, C>(X, E, row, n);
+    if (defect < done) return true;
+    const T next = gram_defect<T, R, C>(X, T(1), E, row, n);
+    if (!(next < defect)) return false;
+    defect = next;
+  }
+  return false;
+}
+
+// X (row-major, holding M) <- its orthogonal polar factor: Newton steps until
+// X, scaled to unit RMS singular value, is within kSchulzStart of orthogonal,
+// then Schulz steps (R > kMaxSchulzRank: Newton to convergence, one Schulz step). Y, perm, E and row are scratch. *det_sign = sign det M
+// from the first inverse, or 0 when X was near orthogonal from the start (no
+// inverse taken; the sign is then that of the result's determinant). False
+// when M is too ill-conditioned for the working precision (Jacobi handles it)
+// or no convergence.
+template <typename T, int R, int C>
+FR_HD bool newton_polar(T* X, T* Y, int* perm, T* E, T* row, int n_runtime, int* det_sign) {
+  const int n = C ? C : n_runtime;
+  // Newton's own stop (large buckets): the last step's change is below eps^(1/4)/2, so each
+  // singular value is within sqrt(eps)/8 of 1 and one Schulz step finishes it.
   const T tol = T(0.5) * fr_sqrt(fr_sqrt(Eps<T>::value));
+  *det_sign = 0;
   bool scaled = true;
   for (int step = 0; step < kMaxNewtonSteps; ++step) {
+    const T nx = frobenius<T, R, C>(X, n);
+    const T unit_rms = T(n) / (nx * nx);
+    const T defect = R <= kMaxSchulzRank ? gram_defect<T, R, C>(X, unit_rms, E, row, n) : T(kSchulzStart) + T(1);
+    if (defect <= T(kSchulzStart)) {
+      const T root = fr_sqrt(unit_rms);
+      for (int a = 0; a < n; ++a)
+        for (int b = 0; b < n; ++b) X[a * R + b] *= root;
+      return schulz_finish<T, R, C>(X, E, row, n, defect);
+    }
     // Y <- X⁻¹ with columns permuted, so X⁻ᵀ[a][b] = X⁻¹[b][a] = Y[b][perm[a]]:
     // the update reads X⁻ᵀ through that map (no transpose, no column swaps).
     for (int a = 0; a < n; ++a)
       for (int b = 0; b < n; ++b) Y[a * R + b] = X[a * R + b];
     int sign = 1;
     if (!gauss_jordan_in_place<T, R, C>(Y, perm, n, &sign)) return false;
-    const T nx = frobenius<T, R, C>(X, n), ny = frobenius<T, R, C>(Y, n);
+    const T ny = frobenius<T, R, C>(Y, n);
     // cond_F(M) = ‖M‖‖M⁻¹‖ above 1/eps: the first inverse carries no accuracy.
     if (step == 0) {
       if (!(nx * ny * Eps<T>::value < T(1))) return false;
@@ -150,7 +244,10 @@ FR_HD bool newton_polar(T* X, T* Y, int* perm, int n_runtime, int* det_sign) {
     T change = 0;
     for (int b = 0; b < n; ++b) change += lanes[b];
     change = fr_sqrt(change);
-    if (change < tol) return true;
+    if (R > kMaxSchulzRank && change < tol) {
+      bjorck_step<T, R, C>(X, E, row, n);
+      return true;
+    }
     if (change < T(0.01)) scaled = false;  // scaling only slows the final quadratic steps
   }
   return false;

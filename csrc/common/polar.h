@@ -143,29 +143,12 @@ FR_HD int det_sign(const T* X, T* S, int n) {
   return sign;
 }
 
-// One Björck step X <- X + X (I - XᵀX) / 2: Jacobi stops at |cos| ~ n·eps
-// between columns and Newton at singular values within sqrt(eps) of 1; this
-// brings X to orthogonality at working precision (quadratic convergence)
-// without changing det X or the solution.
-template <typename T, int R, int C>
-FR_HD void refine_orthogonality(T* X, T* E, T* row, int n_runtime) {
-  const int n = C ? C : n_runtime;  // C: compile-time size, as in newton_polar.h
-  for (int a = 0; a < n; ++a) {  // E = I − XᵀX, one row in registers at a time
-    FR_SIMD for (int b = 0; b < n; ++b) row[b] = a == b ? T(1) : T(0);
-    for (int k = 0; k < n; ++k) {
-      const T x = X[k * R + a];
-      FR_SIMD for (int b = 0; b < n; ++b) row[b] -= x * X[k * R + b];
-    }
-    FR_SIMD for (int b = 0; b < n; ++b) E[a * R + b] = row[b];
-  }
-  for (int a = 0; a < n; ++a) {
-    FR_SIMD for (int b = 0; b < n; ++b) row[b] = T(0);
-    for (int k = 0; k < n; ++k) {
-      const T x = X[a * R + k];
-      FR_SIMD for (int b = 0; b < n; ++b) row[b] += x * E[k * R + b];
-    }
-    FR_SIMD for (int b = 0; b < n; ++b) X[a * R + b] += T(0.5) * row[b];
-  }
+// One Björck step (common/newton_polar.h): Jacobi stops at |cos| ~ n·eps
+// between columns; this brings X to orthogonality at working precision
+// (quadratic convergence) without changing det X or the solution.
+template <typename T, int R>
+FR_HD void refine_orthogonality(T* X, T* E, T* row, int n) {
+  bjorck_step<T, R, 0>(X, E, row, n);
 }
 
 // Scratch for one polar factor: three R×R matrices, R singular values and
@@ -218,7 +201,7 @@ FR_HD void jacobi_polar_factor(const T* M, T* Out, int n, bool allow_reflection,
     for (int a = 0; a < n; ++a)
       for (int b = 0; b < n; ++b) Out[a * R + b] -= T(2) * u[a] * v[b];
   }
-  refine_orthogonality<T, R, 0>(Out, s.S, s.sigma, n);
+  refine_orthogonality<T, R>(Out, s.S, s.sigma, n);
 }
 
 // Out = U Vᵀ from M = U Σ Vᵀ: the orthogonal matrix maximising tr(Outᵀ M).
@@ -229,10 +212,11 @@ template <typename T, int R, int C>
 FR_HD bool newton_polar_factor(const T* M, T* Out, int n, bool allow_reflection, PolarScratch<T, R>& s) {
   for (int a = 0; a < n; ++a)
     for (int b = 0; b < n; ++b) Out[a * R + b] = M[a * R + b];
-  int det_sign = 1;
-  if (!newton_polar<T, R, C>(Out, s.W, s.perm, n, &det_sign)) return false;
-  refine_orthogonality<T, R, C>(Out, s.S, s.sigma, n);
-  return allow_reflection || det_sign > 0 || flip_smallest_pair<T, R, C>(M, Out, s.S, s.W, s.sigma, s.V, s.perm, n);
+  int sign = 0;
+  if (!newton_polar<T, R, C>(Out, s.W, s.perm, s.S, s.sigma, n, &sign)) return false;
+  if (allow_reflection) return true;
+  if (sign == 0) sign = det_sign<T, R>(Out, s.S, n);  // Schulz steps keep the sign of det M
+  return sign > 0 || flip_smallest_pair<T, R, C>(M, Out, s.S, s.W, s.sigma, s.V, s.perm, n);
 }
 
 template <typename T, int R>

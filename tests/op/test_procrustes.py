@@ -69,12 +69,14 @@ def with_spectrum(U, sigma, V, det_negative):
     return U @ torch.diag_embed(sigma) @ V.transpose(1, 2)
 
 
-# Spectra that steer common/polar.h down each of its paths (σ descending, times σ_1 = 10):
-# Newton, Newton + the power-iteration det fix, and Jacobi where Newton cannot vouch for
-# its answer: cond_F(M) beyond 1/eps in float32 (the tiny σ_min cases; float64 stays on
+# Spectra that steer common/polar.h down each of its paths (σ descending): Newton steps then
+# Schulz steps (spread, σ_1 = 10); Schulz steps alone, the determinant's sign then taken from
+# the result (near_orthogonal: σ within 10 % of each other); each with the power-iteration det
+# fix (det-); and Jacobi where Newton cannot vouch for its answer: cond_F(M) beyond 1/eps in float32 (the tiny σ_min cases; float64 stays on
 # Newton), or σ_{r-1}/σ_r within 1e-9 of 1 with det < 0 (the fix's iteration cannot settle).
 SPECTRA = {
     "spread": lambda r: torch.logspace(1, 0, r, dtype=torch.float64),
+    "near_orthogonal": lambda r: torch.linspace(1.1, 1.0, r, dtype=torch.float64),
     "tiny_smallest": lambda r: torch.cat([torch.logspace(1, 0, r - 1, dtype=torch.float64),
                                           torch.tensor([1e-8], dtype=torch.float64)]),
 }
