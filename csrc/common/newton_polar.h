@@ -112,15 +112,16 @@ FR_HD bool invert_in_place(T* A, int* perm, int n_runtime, int* det_sign) {
   return true;
 }
 
+// ‖X‖_F², not rooted: for X = I (or a signed permutation) the unit-RMS scale is then exactly 1.
 template <typename T, int R, int C>
-FR_HD T frobenius(const T* X, int n_runtime) {
+FR_HD T frobenius_sq(const T* X, int n_runtime) {
   const int n = C ? C : n_runtime;
   T lanes[R] = {};
   for (int a = 0; a < n; ++a)
     for (int b = 0; b < n; ++b) lanes[b] += X[a * R + b] * X[a * R + b];
   T sum = 0;
   for (int b = 0; b < n; ++b) sum += lanes[b];
-  return fr_sqrt(sum);
+  return sum;
 }
 
 // E = I − s·XᵀX, one row in registers at a time; returns ‖E‖_F.
@@ -208,8 +209,8 @@ FR_HD bool newton_polar(T* X, T* Y, int* perm, T* E, T* row, int n_runtime, int*
   *det_sign = 0;
   bool scaled = true;
   for (int step = 0; step < kMaxNewtonSteps; ++step) {
-    const T nx = frobenius<T, R, C>(X, n);
-    const T unit_rms = T(n) / (nx * nx);
+    const T nx2 = frobenius_sq<T, R, C>(X, n);
+    const T unit_rms = T(n) / nx2;
     const T defect = R <= kMaxSchulzRank ? gram_defect<T, R, C>(X, unit_rms, E, row, n) : T(kSchulzStart) + T(1);
     if (defect <= T(kSchulzStart)) {
       const T root = fr_sqrt(unit_rms);
@@ -223,7 +224,7 @@ FR_HD bool newton_polar(T* X, T* Y, int* perm, T* E, T* row, int n_runtime, int*
       for (int b = 0; b < n; ++b) Y[a * R + b] = X[a * R + b];
     int sign = 1;
     if (!gauss_jordan_in_place<T, R, C>(Y, perm, n, &sign)) return false;
-    const T ny = frobenius<T, R, C>(Y, n);
+    const T nx = fr_sqrt(nx2), ny = fr_sqrt(frobenius_sq<T, R, C>(Y, n));
     // cond_F(M) = ‖M‖‖M⁻¹‖ above 1/eps: the first inverse carries no accuracy.
     if (step == 0) {
       if (!(nx * ny * Eps<T>::value < T(1))) return false;

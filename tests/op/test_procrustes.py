@@ -100,6 +100,27 @@ def test_each_solver_path_matches_the_reference(spectrum, det_negative, r, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("r", [1, 2, 3, 8, 16, 33, 64])
+def test_an_exact_rotation_comes_back_bit_for_bit(r, dtype, device):
+    """M a signed permutation with det +1 (exact in every dtype): λ = 1 returns M itself and the
+    soft step of M = I is I, with no rounding, so a client equal to the reference is left as is."""
+    seed = 300 + r
+    g = torch.Generator().manual_seed(seed)
+    P = torch.zeros(4, r, r, dtype=dtype)
+    for k in range(4):
+        signs = torch.randint(0, 2, (r,), generator=g).to(dtype) * 2 - 1
+        P[k, torch.arange(r), torch.randperm(r, generator=g)] = signs
+        if torch.linalg.det(P[k].double()) < 0:
+            P[k, 0] = -P[k, 0]
+    got = fedrot_ext.procrustes_rotation(P.to(device), 1.0).cpu()
+    assert torch.equal(got, P), f"max change {float((got - P).abs().max()):.3g}, seed={seed}"
+    eye = torch.eye(r, dtype=dtype).expand(4, r, r)
+    for lam in (0.1, 0.5):
+        soft = fedrot_ext.procrustes_rotation(eye.to(device), lam).cpu()
+        assert torch.equal(soft, eye), f"λ={lam}: max change {float((soft - eye).abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("r", [2, 3, 16, 64])
 def test_near_tie_of_the_smallest_pair_gives_an_optimal_rotation(r, dtype, device):
     """det M < 0 and σ_{r-1} = σ_r (1 + 1e-9): the SO(r) maximiser is not unique, so the
