@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <vector>
 
+#include <unistd.h>  // sysconf: the L2 size
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -35,6 +37,22 @@ void load_block(const scalar_t* x, int64_t stride_t, int64_t stride_j, int64_t r
 template <typename acc_t, int R>
 const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
   return static_cast<const acc_t*>(p.coef) + (int64_t(layer) * p.num_clients + client) * R * R;
+}
+
+// The clients [begin, end) a kernel call sums. With partial set (the layer schedule, one client at
+// a time), the accumulators start from `partial` unless begin = 0 and go back to it unless end = N:
+// the FMAs of every output element are those of one call over all clients, in the same order, so
+// the result is bitwise the same; the sum of one client then streams n rows (A) or one block (B)
+// instead of N·n interleaved ones, which the hardware prefetcher follows.
+template <typename acc_t>
+struct Clients {
+  int64_t begin, end;
+  acc_t* partial;  // R × T (A: row j at j·T) or T × R (B) accumulators; null for all clients at once
+};
+
+template <typename acc_t>
+Clients<acc_t> all_clients(const GroupParams& p) {
+  return {0, p.num_clients, nullptr};
 }
 
 // Rows of t per cache block of the covariance kernels: the block of x and y
@@ -243,7 +261,7 @@ void rotations_pass(const GroupParams& p) {
 // Returns the number of rows done; the tail goes to the row kernel.
 template <typename scalar_t, typename acc_t, int R>
 int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
-                                    bool& finite) {
+                                    Clients<acc_t> clients, bool& finite) {
   using S = Simd<acc_t, kVectorBytes>;
   using V = typename S::type;
   constexpr int L = S::lanes, U = kVectorRegisters == 32 ? 4 : 2, JB = 4;  // JB·U accumulators, U loads, 1 broadcast
@@ -257,7 +275,13 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
     scalar_t* out = static_cast<scalar_t*>(v.out) + tb;
     for (int j0 = 0; j0 < n; j0 += JB) {
       V acc[JB][U] = {};
-      for (int64_t i = 0; i < p.num_clients; ++i) {
+      acc_t* partial = clients.partial ? clients.partial + j0 * v.rows + tb : nullptr;
+      if (partial && clients.begin > 0)
+#pragma GCC unroll 8
+        for (int jb = 0; jb < JB; ++jb)
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) acc[jb][u] = load_lanes<V, acc_t, L>(partial + jb * v.rows + u * L);
+      for (int64_t i = clients.begin; i < clients.end; ++i) {
         const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + tb;
         const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
         for (int k = 0; k < n; ++k) {
@@ -276,6 +300,13 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
           }
         }
       }
+      if (clients.end < p.num_clients) {
+#pragma GCC unroll 8
+        for (int jb = 0; jb < JB; ++jb)
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) store_vector<V>(partial + jb * v.rows + u * L, acc[jb][u]);
+        continue;
+      }
       for (int jb = 0; jb < JB && j0 + jb < n; ++jb)
         for (int u = 0; u < U; ++u)
           store_lanes<V, scalar_t, acc_t, L>(out + (j0 + jb) * v.out_stride_j + u * L, acc[jb][u], check);
@@ -293,14 +324,21 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
 // prefetch the same client's next tile: N interleaved streams of TB·R values
 // are more than the hardware prefetcher follows (the broadcasts stalled on them).
 template <typename scalar_t, typename acc_t, int R, int TB, int JV, int ST>
-void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t, int j0, bool& finite) {
+void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t, int j0,
+                                 Clients<acc_t> clients, bool& finite) {
   using S = RowSimd<acc_t, R>;
   using V = typename S::type;
   constexpr int L = S::lanes;
   constexpr int kNextTileLines = ST ? (TB * ST * int(sizeof(scalar_t)) + 63) / 64 : 0;
   const int64_t stride_t = ST ? int64_t(ST) : v.stride_t;
   V acc[TB][JV] = {};
-  for (int64_t i = 0; i < p.num_clients; ++i) {
+  acc_t* partial = clients.partial ? clients.partial + t * R + j0 : nullptr;
+  if (partial && clients.begin > 0)
+#pragma GCC unroll 32
+    for (int b = 0; b < TB; ++b)
+#pragma GCC unroll 8
+      for (int u = 0; u < JV; ++u) acc[b][u] = load_lanes<V, acc_t, L>(partial + b * R + u * L);
+  for (int64_t i = clients.begin; i < clients.end; ++i) {
     const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t * stride_t;
     const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
     if (j0 == 0)
@@ -317,6 +355,13 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
         for (int u = 0; u < JV; ++u) acc[b][u] += xk * cv[u];
       }
     }
+  }
+  if (clients.end < p.num_clients) {
+#pragma GCC unroll 32
+    for (int b = 0; b < TB; ++b)
+#pragma GCC unroll 8
+      for (int u = 0; u < JV; ++u) store_vector<V>(partial + b * R + u * L, acc[b][u]);
+    return;
   }
   V check = {};
   for (int b = 0; b < TB; ++b) {
@@ -336,7 +381,7 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
 // tiles of 8 and single rows for the tail (a 64-row chunk is 24 + 24 + 8 + 8).
 template <typename scalar_t, typename acc_t, int R, int ST>
 void aggregate_rows_j_contiguous(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
-                                 bool& finite) {
+                                 Clients<acc_t> clients, bool& finite) {
   using S = RowSimd<acc_t, R>;
   constexpr int L = S::lanes;
   constexpr int U = R / L;
@@ -346,12 +391,13 @@ void aggregate_rows_j_contiguous(const GroupParams& p, const FactorView& v, int 
   int64_t t = t0;
   for (; t + TB <= t0 + rows; t += TB)
     for (int j0 = 0; j0 < n; j0 += JV * L)
-      aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB, JV, ST>(p, v, n, t, j0, finite);
+      aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB, JV, ST>(p, v, n, t, j0, clients, finite);
   for (; t + TB_TAIL <= t0 + rows; t += TB_TAIL)
     for (int j0 = 0; j0 < n; j0 += JV * L)
-      aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB_TAIL, JV, ST>(p, v, n, t, j0, finite);
+      aggregate_tile_j_contiguous<scalar_t, acc_t, R, TB_TAIL, JV, ST>(p, v, n, t, j0, clients, finite);
   for (; t < t0 + rows; ++t)
-    for (int j0 = 0; j0 < n; j0 += JV * L) aggregate_tile_j_contiguous<scalar_t, acc_t, R, 1, JV, 0>(p, v, n, t, j0, finite);
+    for (int j0 = 0; j0 < n; j0 += JV * L)
+      aggregate_tile_j_contiguous<scalar_t, acc_t, R, 1, JV, 0>(p, v, n, t, j0, clients, finite);
 }
 
 // Any layout (transposed or strided views, and tails): stage X_i rows in a
@@ -382,11 +428,11 @@ void aggregate_rows_any(const GroupParams& p, const FactorView& v, int n, int64_
 template <typename scalar_t, typename acc_t, int R>
 void aggregate_chunk(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows, bool& finite) {
   if (v.stride_t == 1 && v.out_stride_t == 1) {
-    const int64_t done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
+    const int64_t done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, all_clients<acc_t>(p), finite);
     if (done < rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0 + done, rows - done, finite);
   } else if (v.stride_j == 1 && v.out_stride_j == 1) {
-    if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0, rows, finite);
-    else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0, rows, finite);
+    if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0, rows, all_clients<acc_t>(p), finite);
+    else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0, rows, all_clients<acc_t>(p), finite);
   } else {
     aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
   }
@@ -416,15 +462,66 @@ int64_t layer_chunks_end(const GroupParams& p, int64_t l) {
   return l + 1 < p.num_layers ? p.views[2 * l + 2].chunk_begin : p.num_chunks;
 }
 
+// Half this core's L2 (1 MiB where the OS does not say): a layer's clients up to this size are
+// still in L2 when the aggregation reads them again after the covariance.
+int64_t l2_budget_bytes() {
+  static const int64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? int64_t(l2) / 2 : int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
+template <typename scalar_t>
+int64_t layer_client_bytes(const GroupParams& p, int64_t l) {
+  const int64_t n = p.layers[l].n;
+  return p.num_clients * n * (p.views[2 * l].rows + p.views[2 * l + 1].rows) * int64_t(sizeof(scalar_t));
+}
+
+// Layer l's aggregates. When its clients fit the L2 budget, by row chunks over all clients; else
+// one client at a time (Clients) for the views the tile kernels take whole (other layouts by
+// chunks). `partial` holds R × rows accumulators.
+template <typename scalar_t, typename acc_t, int R>
+void aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partial) {
+  if (layer_client_bytes<scalar_t>(p, l) <= l2_budget_bytes())
+    return aggregate_chunks<scalar_t, acc_t, R>(p, p.views[2 * l].chunk_begin, layer_chunks_end(p, l));
+  bool finite = true;
+  const int n = p.layers[l].n;
+  for (int f = 0; f < 2; ++f) {
+    const FactorView& v = p.views[2 * l + f];
+    const bool a_rows = v.stride_t == 1 && v.out_stride_t == 1;
+    const bool b_rows = !a_rows && v.stride_j == 1 && v.out_stride_j == 1;
+    if (!a_rows && !b_rows) {
+      const int64_t end = f == 0 ? p.views[2 * l + 1].chunk_begin : layer_chunks_end(p, l);
+      for (int64_t chunk = v.chunk_begin; chunk < end; ++chunk) {
+        const int64_t t0 = (chunk - v.chunk_begin) * kChunkRows;
+        aggregate_chunk<scalar_t, acc_t, R>(p, v, n, t0, std::min(kChunkRows, v.rows - t0), finite);
+      }
+      continue;
+    }
+    if (partial.size() < size_t(R) * v.rows) partial.resize(size_t(R) * v.rows);
+    int64_t done = v.rows;
+    for (int64_t i = 0; i < p.num_clients; ++i) {
+      const Clients<acc_t> one{i, i + 1, partial.data()};
+      if (a_rows) done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, 0, v.rows, one, finite);
+      else if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, 0, v.rows, one, finite);
+      else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, 0, v.rows, one, finite);
+    }
+    if (done < v.rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, done, v.rows - done, finite);
+  }
+  if (!finite) __atomic_fetch_or(p.status, kStatusAggregateNonfinite, __ATOMIC_RELAXED);
+}
+
 // Both passes layer by layer, parallel over layers: the aggregation reads a layer's clients again
 // from this core's L2 (RoBERTa r = 16, N = 3: 256 KB with the reference) rather than from L3 or DRAM.
 // The same kernels produce every output element, so the result is that of the two-pass split.
 template <typename scalar_t, typename acc_t, int R>
 void layer_pass(const GroupParams& p) {
   at::parallel_for(0, p.num_layers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> partial;
     for (int64_t l = begin; l < end; ++l) {
       rotate_clients<scalar_t, acc_t, R>(p, l * p.num_clients, (l + 1) * p.num_clients);
-      aggregate_chunks<scalar_t, acc_t, R>(p, p.views[2 * l].chunk_begin, layer_chunks_end(p, l));
+      aggregate_layer<scalar_t, acc_t, R>(p, l, partial);
     }
   });
 }

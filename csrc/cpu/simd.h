@@ -91,6 +91,12 @@ inline V load_lanes_widened(const scalar_t* x) {
   else return load_lanes<V, scalar_t, L>(x);
 }
 
+// Stores a vector of the accumulate type as it is (v by value: the caller's register is not spilled).
+template <typename V, typename acc_t>
+inline void store_vector(acc_t* out, const V v) {
+  std::memcpy(out, &v, sizeof v);
+}
+
 // Stores L lanes as scalar_t (round to nearest even) and adds x - x of each lane,
 // before and after rounding, to `check`: 0 while every stored value is finite.
 template <typename V, typename scalar_t, typename acc_t, int L>
