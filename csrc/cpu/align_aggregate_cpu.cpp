@@ -478,8 +478,13 @@ int64_t layer_client_bytes(const GroupParams& p, int64_t l) {
   return p.num_clients * n * (p.views[2 * l].rows + p.views[2 * l + 1].rows) * int64_t(sizeof(scalar_t));
 }
 
+// Clients summed per pass of the client-at-a-time aggregation: kClientGroupRows / n + 1, so that a
+// pass streams at most about 16 factor rows (r = 16: one client; r = 4: four) and small ranks do not
+// pay a load and store of the partial sums for every few FMAs.
+constexpr int kClientGroupRows = 15;
+
 // Layer l's aggregates. When its clients fit the L2 budget, by row chunks over all clients; else
-// one client at a time (Clients) for the views the tile kernels take whole (other layouts by
+// a few clients at a time (Clients) for the views the tile kernels take whole (other layouts by
 // chunks). `partial` holds R × rows accumulators.
 template <typename scalar_t, typename acc_t, int R>
 void aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partial) {
@@ -501,11 +506,11 @@ void aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partia
     }
     if (partial.size() < size_t(R) * v.rows) partial.resize(size_t(R) * v.rows);
     int64_t done = v.rows;
-    for (int64_t i = 0; i < p.num_clients; ++i) {
-      const Clients<acc_t> one{i, i + 1, partial.data()};
-      if (a_rows) done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, 0, v.rows, one, finite);
-      else if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, 0, v.rows, one, finite);
-      else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, 0, v.rows, one, finite);
+    for (int64_t i = 0; i < p.num_clients; i += kClientGroupRows / n + 1) {
+      const Clients<acc_t> group{i, std::min<int64_t>(p.num_clients, i + kClientGroupRows / n + 1), partial.data()};
+      if (a_rows) done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, 0, v.rows, group, finite);
+      else if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, 0, v.rows, group, finite);
+      else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, 0, v.rows, group, finite);
     }
     if (done < v.rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, done, v.rows - done, finite);
   }
