@@ -39,11 +39,11 @@ const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
   return static_cast<const acc_t*>(p.coef) + (int64_t(layer) * p.num_clients + client) * R * R;
 }
 
-// The clients [begin, end) a kernel call sums. With partial set (the layer schedule, one client at
-// a time), the accumulators start from `partial` unless begin = 0 and go back to it unless end = N:
+// The clients [begin, end) a kernel call sums. With partial set (the layer schedule, a few clients
+// a pass), the accumulators start from `partial` unless begin = 0 and go back to it unless end = N:
 // the FMAs of every output element are those of one call over all clients, in the same order, so
-// the result is bitwise the same; the sum of one client then streams n rows (A) or one block (B)
-// instead of N·n interleaved ones, which the hardware prefetcher follows.
+// the result is bitwise the same; a pass then streams a few clients' rows instead of N·n interleaved
+// ones, which the hardware prefetcher follows.
 template <typename acc_t>
 struct Clients {
   int64_t begin, end;
@@ -425,17 +425,23 @@ void aggregate_rows_any(const GroupParams& p, const FactorView& v, int n, int64_
     }
 }
 
+// The tile kernels of v's layout on rows [t0, t0 + rows) for `clients`; returns the rows they did
+// from t0 (A: whole column blocks; B: all; other layouts: none), the rest is for the row kernel.
+template <typename scalar_t, typename acc_t, int R>
+int64_t aggregate_tiles(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
+                        Clients<acc_t> clients, bool& finite) {
+  if (v.stride_t == 1 && v.out_stride_t == 1)
+    return aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, clients, finite);
+  if (!(v.stride_j == 1 && v.out_stride_j == 1)) return 0;
+  if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0, rows, clients, finite);
+  else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0, rows, clients, finite);
+  return rows;
+}
+
 template <typename scalar_t, typename acc_t, int R>
 void aggregate_chunk(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows, bool& finite) {
-  if (v.stride_t == 1 && v.out_stride_t == 1) {
-    const int64_t done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, all_clients<acc_t>(p), finite);
-    if (done < rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0 + done, rows - done, finite);
-  } else if (v.stride_j == 1 && v.out_stride_j == 1) {
-    if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0, rows, all_clients<acc_t>(p), finite);
-    else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0, rows, all_clients<acc_t>(p), finite);
-  } else {
-    aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0, rows, finite);
-  }
+  const int64_t done = aggregate_tiles<scalar_t, acc_t, R>(p, v, n, t0, rows, all_clients<acc_t>(p), finite);
+  if (done < rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0 + done, rows - done, finite);
 }
 
 template <typename scalar_t, typename acc_t, int R>
@@ -483,36 +489,25 @@ int64_t layer_client_bytes(const GroupParams& p, int64_t l) {
 // pay a load and store of the partial sums for every few FMAs.
 constexpr int kClientGroupRows = 15;
 
-// Layer l's aggregates. When its clients fit the L2 budget, by row chunks over all clients; else
-// a few clients at a time (Clients) for the views the tile kernels take whole (other layouts by
-// chunks). `partial` holds R × rows accumulators.
+// Layer l's aggregates. When its clients fit the L2 budget, by row chunks over all clients; else the
+// tile kernels a few clients a pass (Clients, partial: R × rows sums), then the rows they leave (the
+// A tail, other layouts) by row chunks over all clients.
 template <typename scalar_t, typename acc_t, int R>
 void aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partial) {
   if (layer_client_bytes<scalar_t>(p, l) <= l2_budget_bytes())
     return aggregate_chunks<scalar_t, acc_t, R>(p, p.views[2 * l].chunk_begin, layer_chunks_end(p, l));
   bool finite = true;
   const int n = p.layers[l].n;
+  const int64_t group = kClientGroupRows / n + 1;
   for (int f = 0; f < 2; ++f) {
     const FactorView& v = p.views[2 * l + f];
-    const bool a_rows = v.stride_t == 1 && v.out_stride_t == 1;
-    const bool b_rows = !a_rows && v.stride_j == 1 && v.out_stride_j == 1;
-    if (!a_rows && !b_rows) {
-      const int64_t end = f == 0 ? p.views[2 * l + 1].chunk_begin : layer_chunks_end(p, l);
-      for (int64_t chunk = v.chunk_begin; chunk < end; ++chunk) {
-        const int64_t t0 = (chunk - v.chunk_begin) * kChunkRows;
-        aggregate_chunk<scalar_t, acc_t, R>(p, v, n, t0, std::min(kChunkRows, v.rows - t0), finite);
-      }
-      continue;
-    }
     if (partial.size() < size_t(R) * v.rows) partial.resize(size_t(R) * v.rows);
-    int64_t done = v.rows;
-    for (int64_t i = 0; i < p.num_clients; i += kClientGroupRows / n + 1) {
-      const Clients<acc_t> group{i, std::min<int64_t>(p.num_clients, i + kClientGroupRows / n + 1), partial.data()};
-      if (a_rows) done = aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, 0, v.rows, group, finite);
-      else if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, 0, v.rows, group, finite);
-      else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, 0, v.rows, group, finite);
-    }
-    if (done < v.rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, done, v.rows - done, finite);
+    int64_t done = 0;
+    for (int64_t i = 0; i < p.num_clients; i += group)
+      done = aggregate_tiles<scalar_t, acc_t, R>(p, v, n, 0, v.rows,
+                                                 {i, std::min<int64_t>(p.num_clients, i + group), partial.data()}, finite);
+    for (int64_t t0 = done; t0 < v.rows; t0 += kChunkRows)
+      aggregate_chunk<scalar_t, acc_t, R>(p, v, n, t0, std::min(kChunkRows, v.rows - t0), finite);
   }
   if (!finite) __atomic_fetch_or(p.status, kStatusAggregateNonfinite, __ATOMIC_RELAXED);
 }
