@@ -19,6 +19,12 @@ roofline floor max(bytes / copy BW, flops / matmul rate) as a fraction of the
 median ("%floor"), peak extra memory, and the max relative error against the
 float64 reference on the first few layers.
 
+Fused and batched calls take turns (bench/timing.py, time_interleaved), and the
+ceilings are measured again just before each config, so that a row's ratio and
+its %floor compare states of the machine seconds apart, not minutes: on a shared
+VM the same matmul ran at 200 and 280 GFLOP/s a second apart. The run-start
+ceilings stay in the JSON header; each row carries its own.
+
 The loop baseline (b) is capped: a probe call on one period of layers
 estimates the full call; if that is above --loop-cap seconds, (b) runs on the
 first k periods of layers (k chosen to fit the cap) and its time is scaled by
@@ -46,7 +52,7 @@ import fedrot_ext
 from bench import machine, report, shapes
 from bench.accuracy import expected, rel_err
 from bench.shapes import Config, Inputs
-from bench.timing import count_launches, peak_extra_bytes, spread, time_calls
+from bench.timing import count_launches, peak_extra_bytes, spread, time_calls, time_interleaved
 from bench.torch_impls import authors_loop, torch_batched
 
 IMPLS: Dict[str, Callable] = {
@@ -117,20 +123,28 @@ def run_config(cfg: Config, args, device: torch.device, ceil: dict) -> List[dict
     head = subset(inp, n_ref)
     ref = expected(head.A, head.B, **head.kwargs(), **opts) if n_ref else None
 
+    # The ceilings again next to this config's calls, and fused and batched calls taking turns: the
+    # shared VM's speed drifts by a quarter within seconds (bench/timing.py, time_interleaved).
+    here = machine.ceilings(device, args.copy_mib, args.mm_size)
+    fast = [impl for impl in args.impls if impl != "loop"]
+    fast_times = time_interleaved({impl: caller(impl, L) for impl in fast}, device, warmup=args.warmup,
+                                  repeats=args.repeats, min_repeats=3, max_s=args.max_time * len(fast),
+                                  min_s=args.min_time * len(fast))
     rows = []
     for impl in args.impls:
-        row = dict(base, impl=impl, input_sets=k_sets, bytes_moved=moved, flops=fl)
+        row = dict(base, impl=impl, input_sets=k_sets, bytes_moved=moved, flops=fl, ceilings=here)
         n_layers, scale = loop_layers(cfg, caller, device, args.loop_cap) if impl == "loop" else (L, 1.0)
         call = caller(impl, n_layers)
-        slow = impl == "loop"
-        times = time_calls(call, device, warmup=1 if slow else args.warmup, repeats=3 if slow else args.repeats,
-                           min_repeats=3, max_s=args.max_time, min_s=0.0 if slow else args.min_time)
+        if impl == "loop":
+            times = time_calls(call, device, warmup=1, repeats=3, min_repeats=3, max_s=args.max_time)
+        else:
+            times = fast_times[impl]
         stats = spread(times)
         med = stats["median_s"] * scale
         row.update(median_ms=med * 1e3, iqr_pct=stats["iqr_pct"], repeats=len(times), **samples_ms(times))
         if scale != 1.0:
             row.update(extrapolated=True, layers_run=n_layers)
-        row.update(rates(moved, fl, med, ceil))
+        row.update(rates(moved, fl, med, here))
         row["peak_extra_bytes"] = peak_extra_bytes(lambda: call(0), device)
         if ref is not None:
             row["err_vs_ref"] = rel_err(caller(impl, n_ref)(0), ref)
@@ -242,7 +256,9 @@ def main(argv=None) -> int:
             for r in cfg_rows:
                 r["others_busy_before"] = busy
         rows += cfg_rows
-        print(report.fmt_table(cfg_rows).split("\n", 2)[2], f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        here = cfg_rows[0].get("ceilings")
+        now = f"; copy {here['copy_GBps']:.1f} GB/s, matmul {here['mm_GFLOPs']:.0f} GFLOP/s" if here else ""
+        print(report.fmt_table(cfg_rows).split("\n", 2)[2], f"  [{time.perf_counter() - t0:.0f} s{now}]", flush=True)
         info["loadavg_end"] = os.getloadavg()
         out_path.parent.mkdir(parents=True, exist_ok=True)  # rewritten after every config: a killed run keeps its rows
         out_path.write_text(json.dumps({"machine": info, "ceilings": ceil, "args": vars(args), "rows": rows}, indent=1))

@@ -19,7 +19,7 @@ import gc
 import itertools
 import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -29,36 +29,52 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[int], object], device, warmup: int, repeats: int, min_repeats: int, max_s: float,
-               min_s: float = 0.0) -> List[float]:
-    """Seconds per call of fn(k) (k = call index), after `warmup` calls.
+def _timed_call(fn: Callable[[int], object], k: int, device) -> float:
+    """Seconds of one call fn(k); its output is released before the next call."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(k)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    out = fn(k)
+    elapsed = time.perf_counter() - t0
+    del out
+    return elapsed
 
-    Stops after `repeats` calls once `min_s` has passed, or after `min_repeats` once `max_s` has passed.
-    `min_s` spreads the samples of a short call over time: 7 calls of 3 ms fit inside one burst of
-    another tenant's load on a shared VM, and their median then measures the burst."""
+
+def time_interleaved(fns: Dict[str, Callable[[int], object]], device, warmup: int, repeats: int, min_repeats: int,
+                     max_s: float, min_s: float = 0.0) -> Dict[str, List[float]]:
+    """Seconds per call of each fns[name](k), the functions taking turns: round k calls each once, in order.
+
+    A series of one function and then a series of the other would compare two states of a shared VM,
+    whose speed drifts by a quarter within seconds (the same 2-thread torch.mm measured 200 and 280
+    GFLOP/s a second apart); calls that alternate see the same drift, so their ratio holds.
+    `warmup` rounds first. Stops after `repeats` rounds once `min_s` has passed, or after `min_repeats`
+    once `max_s` has passed. `min_s` spreads the samples of a short call over time: 7 calls of 3 ms fit
+    inside one burst of another tenant's load, and their median then measures the burst."""
     for k in range(warmup):
-        fn(k)
+        for fn in fns.values():
+            fn(k)
     sync(device)
-    times: List[float] = []
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     began = time.perf_counter()
     deadline, enough = began + max_s, began + min_s
     for k in itertools.count():
         now = time.perf_counter()
         if (k >= repeats and now >= enough) or (k >= min_repeats and now > deadline):
             break
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(k)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            out = fn(k)
-            times.append(time.perf_counter() - t0)
-        del out
+        for name, fn in fns.items():
+            times[name].append(_timed_call(fn, k, device))
     return times
+
+
+def time_calls(fn: Callable[[int], object], device, warmup: int, repeats: int, min_repeats: int, max_s: float,
+               min_s: float = 0.0) -> List[float]:
+    """Seconds per call of fn(k) (k = call index): time_interleaved with one function."""
+    return time_interleaved({"fn": fn}, device, warmup, repeats, min_repeats, max_s, min_s)["fn"]
 
 
 def median_ms(fn: Callable[[int], object], device, repeats: int, max_s: float) -> float:

@@ -425,6 +425,11 @@ void aggregate_rows_any(const GroupParams& p, const FactorView& v, int n, int64_
     }
 }
 
+// Whether v is dense along t (A) or along j (B) in input and output: the layouts of the tile kernels.
+inline bool has_tile_layout(const FactorView& v) {
+  return (v.stride_t == 1 && v.out_stride_t == 1) || (v.stride_j == 1 && v.out_stride_j == 1);
+}
+
 // The tile kernels of v's layout on rows [t0, t0 + rows) for `clients`; returns the rows they did
 // from t0 (A: whole column blocks; B: all; other layouts: none), the rest is for the row kernel.
 template <typename scalar_t, typename acc_t, int R>
@@ -432,7 +437,7 @@ int64_t aggregate_tiles(const GroupParams& p, const FactorView& v, int n, int64_
                         Clients<acc_t> clients, bool& finite) {
   if (v.stride_t == 1 && v.out_stride_t == 1)
     return aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, clients, finite);
-  if (!(v.stride_j == 1 && v.out_stride_j == 1)) return 0;
+  if (!has_tile_layout(v)) return 0;
   if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0, rows, clients, finite);
   else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0, rows, clients, finite);
   return rows;
@@ -501,9 +506,9 @@ void aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partia
   const int64_t group = kClientGroupRows / n + 1;
   for (int f = 0; f < 2; ++f) {
     const FactorView& v = p.views[2 * l + f];
-    if (partial.size() < size_t(R) * v.rows) partial.resize(size_t(R) * v.rows);
     int64_t done = 0;
-    for (int64_t i = 0; i < p.num_clients; i += group)
+    if (has_tile_layout(v) && partial.size() < size_t(R) * v.rows) partial.resize(size_t(R) * v.rows);
+    for (int64_t i = 0; has_tile_layout(v) && i < p.num_clients; i += group)
       done = aggregate_tiles<scalar_t, acc_t, R>(p, v, n, 0, v.rows,
                                                  {i, std::min<int64_t>(p.num_clients, i + group), partial.data()}, finite);
     for (int64_t t0 = done; t0 < v.rows; t0 += kChunkRows)

@@ -103,7 +103,7 @@ template <typename V, typename scalar_t, typename acc_t, int L>
 inline void store_lanes(scalar_t* out, const V v, V& check) {
   V stored;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(out, &v, sizeof v);
+    store_vector<V>(out, v);
     stored = v;
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     Fp32Bits<L> bits;

@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from bench.timing import time_calls
+from bench.timing import time_calls, time_interleaved
 
 CPU = torch.device("cpu")
 
@@ -23,3 +23,11 @@ def test_keeps_calling_until_min_time_has_passed():
 def test_max_time_stops_after_min_repeats():
     times = time_calls(lambda k: None, CPU, warmup=0, repeats=10**9, min_repeats=3, max_s=0.0, min_s=1e9)
     assert len(times) == 3
+
+
+def test_interleaved_functions_take_turns():
+    calls = []
+    times = time_interleaved({"a": lambda k: calls.append(("a", k)), "b": lambda k: calls.append(("b", k))}, CPU,
+                             warmup=1, repeats=3, min_repeats=3, max_s=1e9)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    assert calls == [("a", 0), ("b", 0)] + [(name, k) for k in range(3) for name in "ab"]
