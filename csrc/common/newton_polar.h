@@ -124,23 +124,50 @@ FR_HD T frobenius_sq(const T* X, int n_runtime) {
   return sum;
 }
 
-// E = I − s·XᵀX, one row in registers at a time; returns ‖E‖_F.
+// Rows of an r×r product computed together on the CPU: kProductRows · R / 16 vector accumulators
+// (16 at R = 64), so that each row of the right factor loaded serves all of them. The GPU runs one
+// matrix per thread, with no vector registers to fill: one row at a time there.
+#if defined(__CUDA_ARCH__)
+constexpr int kProductRows = 1;
+#else
+constexpr int kProductRows = 4;
+#endif
+
+// emit(a, P_a) for each row a < n of P = left · Y: P_a[b] = Σ_k left(a, k) Y[k][b] (b < n), summed
+// over k in increasing order. Rows past n in the last block repeat row a0 and are not emitted.
+template <typename T, int R, int C, typename Left, typename Emit>
+FR_HD void product_rows(const T* Y, int n_runtime, Left left, Emit emit) {
+  const int n = C ? C : n_runtime;
+  constexpr int RB = kProductRows < R ? kProductRows : R;
+  for (int a0 = 0; a0 < n; a0 += RB) {
+    T acc[RB][R];
+#pragma GCC unroll 4
+    for (int ab = 0; ab < RB; ++ab)
+      FR_SIMD for (int b = 0; b < n; ++b) acc[ab][b] = T(0);
+    for (int k = 0; k < n; ++k) {
+      const T* y = Y + k * R;
+#pragma GCC unroll 4
+      for (int ab = 0; ab < RB; ++ab) {
+        const T c = left(a0 + ab < n ? a0 + ab : a0, k);
+        FR_SIMD for (int b = 0; b < n; ++b) acc[ab][b] += c * y[b];
+      }
+    }
+    for (int ab = 0; ab < RB && a0 + ab < n; ++ab) emit(a0 + ab, acc[ab]);
+  }
+}
+
+// E = I − s·XᵀX; returns ‖E‖_F.
 template <typename T, int R, int C>
-FR_HD T gram_defect(const T* X, T s, T* E, T* row, int n_runtime) {
+FR_HD T gram_defect(const T* X, T s, T* E, int n_runtime) {
   const int n = C ? C : n_runtime;
   T lanes[R] = {};
-  for (int a = 0; a < n; ++a) {
-    FR_SIMD for (int b = 0; b < n; ++b) row[b] = T(0);
-    for (int k = 0; k < n; ++k) {
-      const T x = X[k * R + a];
-      FR_SIMD for (int b = 0; b < n; ++b) row[b] += x * X[k * R + b];
-    }
+  product_rows<T, R, C>(X, n, [&](int a, int k) { return X[k * R + a]; }, [&](int a, const T* row) {
     FR_SIMD for (int b = 0; b < n; ++b) {
       const T e = (a == b ? T(1) : T(0)) - s * row[b];
       E[a * R + b] = e;
       lanes[b] += e * e;
     }
-  }
+  });
   T sum = 0;
   for (int b = 0; b < n; ++b) sum += lanes[b];
   return fr_sqrt(sum);
@@ -148,32 +175,20 @@ FR_HD T gram_defect(const T* X, T s, T* E, T* row, int n_runtime) {
 
 // X <- X + X E / 2 (E = I − XᵀX): one Newton–Schulz (Björck) step. It keeps
 // det X's sign and the polar factor, and moves every singular value towards 1.
+// Row a of X is written once the product rows of its block are complete, which read only rows of E.
 template <typename T, int R, int C>
-FR_HD void schulz_update(T* X, const T* E, T* row, int n_runtime) {
+FR_HD void schulz_update(T* X, const T* E, int n_runtime) {
   const int n = C ? C : n_runtime;
-  for (int a = 0; a < n; ++a) {
-    FR_SIMD for (int b = 0; b < n; ++b) row[b] = T(0);
-    for (int k = 0; k < n; ++k) {
-      const T x = X[a * R + k];
-      FR_SIMD for (int b = 0; b < n; ++b) row[b] += x * E[k * R + b];
-    }
+  product_rows<T, R, C>(E, n, [&](int a, int k) { return X[a * R + k]; }, [&](int a, const T* row) {
     FR_SIMD for (int b = 0; b < n; ++b) X[a * R + b] += T(0.5) * row[b];
-  }
+  });
 }
 
 // One Schulz (Björck) step without the defect: E = I − XᵀX, then X <- X + X E / 2.
 template <typename T, int R, int C>
-FR_HD void bjorck_step(T* X, T* E, T* row, int n_runtime) {
-  const int n = C ? C : n_runtime;
-  for (int a = 0; a < n; ++a) {  // E = I − XᵀX, one row in registers at a time
-    FR_SIMD for (int b = 0; b < n; ++b) row[b] = a == b ? T(1) : T(0);
-    for (int k = 0; k < n; ++k) {
-      const T x = X[k * R + a];
-      FR_SIMD for (int b = 0; b < n; ++b) row[b] -= x * X[k * R + b];
-    }
-    FR_SIMD for (int b = 0; b < n; ++b) E[a * R + b] = row[b];
-  }
-  schulz_update<T, R, C>(X, E, row, n);
+FR_HD void bjorck_step(T* X, T* E, int n_runtime) {
+  gram_defect<T, R, C>(X, T(1), E, n_runtime);
+  schulz_update<T, R, C>(X, E, n_runtime);
 }
 
 // X near orthogonal, E = I − XᵀX and defect = ‖E‖_F ≤ kSchulzStart: Schulz
@@ -181,12 +196,12 @@ FR_HD void bjorck_step(T* X, T* E, T* row, int n_runtime) {
 // rounding level. False if the defect stops falling (NaN, or a rounding floor
 // above sqrt(eps), which does not happen at r ≤ 64).
 template <typename T, int R, int C>
-FR_HD bool schulz_finish(T* X, T* E, T* row, int n, T defect) {
+FR_HD bool schulz_finish(T* X, T* E, int n, T defect) {
   const T done = fr_sqrt(Eps<T>::value);
   for (int step = 0; step < kMaxSchulzSteps; ++step) {
-    schulz_update<T, R, C>(X, E, row, n);
+    schulz_update<T, R, C>(X, E, n);
     if (defect < done) return true;
-    const T next = gram_defect<T, R, C>(X, T(1), E, row, n);
+    const T next = gram_defect<T, R, C>(X, T(1), E, n);
     if (!(next < defect)) return false;
     defect = next;
   }
@@ -195,13 +210,13 @@ FR_HD bool schulz_finish(T* X, T* E, T* row, int n, T defect) {
 
 // X (row-major, holding M) <- its orthogonal polar factor: Newton steps until
 // X, scaled to unit RMS singular value, is within kSchulzStart of orthogonal,
-// then Schulz steps (R > kMaxSchulzRank: Newton to convergence, one Schulz step). Y, perm, E and row are scratch. *det_sign = sign det M
+// then Schulz steps (R > kMaxSchulzRank: Newton to convergence, one Schulz step). Y, perm and E are scratch. *det_sign = sign det M
 // from the first inverse, or 0 when X was near orthogonal from the start (no
 // inverse taken; the sign is then that of the result's determinant). False
 // when M is too ill-conditioned for the working precision (Jacobi handles it)
 // or no convergence.
 template <typename T, int R, int C>
-FR_HD bool newton_polar(T* X, T* Y, int* perm, T* E, T* row, int n_runtime, int* det_sign) {
+FR_HD bool newton_polar(T* X, T* Y, int* perm, T* E, int n_runtime, int* det_sign) {
   const int n = C ? C : n_runtime;
   // Newton's own stop (large buckets): the last step's change is below eps^(1/4)/2, so each
   // singular value is within sqrt(eps)/8 of 1 and one Schulz step finishes it.
@@ -211,12 +226,12 @@ FR_HD bool newton_polar(T* X, T* Y, int* perm, T* E, T* row, int n_runtime, int*
   for (int step = 0; step < kMaxNewtonSteps; ++step) {
     const T nx2 = frobenius_sq<T, R, C>(X, n);
     const T unit_rms = T(n) / nx2;
-    const T defect = R <= kMaxSchulzRank ? gram_defect<T, R, C>(X, unit_rms, E, row, n) : T(kSchulzStart) + T(1);
+    const T defect = R <= kMaxSchulzRank ? gram_defect<T, R, C>(X, unit_rms, E, n) : T(kSchulzStart) + T(1);
     if (defect <= T(kSchulzStart)) {
       const T root = fr_sqrt(unit_rms);
       for (int a = 0; a < n; ++a)
         for (int b = 0; b < n; ++b) X[a * R + b] *= root;
-      return schulz_finish<T, R, C>(X, E, row, n, defect);
+      return schulz_finish<T, R, C>(X, E, n, defect);
     }
     // Y <- X⁻¹ with columns permuted, so X⁻ᵀ[a][b] = X⁻¹[b][a] = Y[b][perm[a]]:
     // the update reads X⁻ᵀ through that map (no transpose, no column swaps).
@@ -246,7 +261,7 @@ FR_HD bool newton_polar(T* X, T* Y, int* perm, T* E, T* row, int n_runtime, int*
     for (int b = 0; b < n; ++b) change += lanes[b];
     change = fr_sqrt(change);
     if (R > kMaxSchulzRank && change < tol) {
-      bjorck_step<T, R, C>(X, E, row, n);
+      bjorck_step<T, R, C>(X, E, n);
       return true;
     }
     if (change < T(0.01)) scaled = false;  // scaling only slows the final quadratic steps

@@ -147,8 +147,8 @@ FR_HD int det_sign(const T* X, T* S, int n) {
 // between columns; this brings X to orthogonality at working precision
 // (quadratic convergence) without changing det X or the solution.
 template <typename T, int R>
-FR_HD void refine_orthogonality(T* X, T* E, T* row, int n) {
-  bjorck_step<T, R, 0>(X, E, row, n);
+FR_HD void refine_orthogonality(T* X, T* E, int n) {
+  bjorck_step<T, R, 0>(X, E, n);
 }
 
 // Scratch for one polar factor: three R×R matrices, R singular values and
@@ -201,7 +201,7 @@ FR_HD void jacobi_polar_factor(const T* M, T* Out, int n, bool allow_reflection,
     for (int a = 0; a < n; ++a)
       for (int b = 0; b < n; ++b) Out[a * R + b] -= T(2) * u[a] * v[b];
   }
-  refine_orthogonality<T, R>(Out, s.S, s.sigma, n);
+  refine_orthogonality<T, R>(Out, s.S, n);
 }
 
 // Out = U Vᵀ from M = U Σ Vᵀ: the orthogonal matrix maximising tr(Outᵀ M).
@@ -213,7 +213,7 @@ FR_HD bool newton_polar_factor(const T* M, T* Out, int n, bool allow_reflection,
   for (int a = 0; a < n; ++a)
     for (int b = 0; b < n; ++b) Out[a * R + b] = M[a * R + b];
   int sign = 0;
-  if (!newton_polar<T, R, C>(Out, s.W, s.perm, s.S, s.sigma, n, &sign)) return false;
+  if (!newton_polar<T, R, C>(Out, s.W, s.perm, s.S, n, &sign)) return false;
   if (allow_reflection) return true;
   if (sign == 0) sign = det_sign<T, R>(Out, s.S, n);  // Schulz steps keep the sign of det M
   return sign > 0 || flip_smallest_pair<T, R, C>(M, Out, s.S, s.W, s.sigma, s.V, s.perm, n);
