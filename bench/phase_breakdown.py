@@ -2,7 +2,8 @@
 
     python bench/phase_breakdown.py --device cpu [--configs 'roberta*_N10_*'] [--threads 1] [--out results/phases.json]
 
-The phases are measured by difference, with the implementation itself (no instrumentation):
+The phases are measured by difference, with the implementation itself (no instrumentation), the
+three calls taking turns (bench/timing.py, time_interleaved):
 - aggregation = a call with align="none" (no covariance, no rotation: the weighted factor sums);
 - covariance  = a call with the align mode at λ = 0 (M_i is formed, then R_i = I) minus aggregation;
 - rotations   = a call at the λ asked for minus the λ = 0 call (the polar factors: one at λ = 1, two below).
@@ -24,7 +25,7 @@ import torch
 
 import fedrot_ext
 from bench import cli, machine, shapes
-from bench.timing import median_ms
+from bench.timing import spread, time_interleaved
 from bench.torch_impls import torch_batched
 
 CONFIGS = (
@@ -53,11 +54,13 @@ def run(config_id: str, device: torch.device, repeats: int, align: str, lam: flo
     floors = phase_floors_ms(cfg, align, lam, ceil)
     row = {"config": config_id, "align": align, "lam": lam, "floor_ms": floors}
     for impl, f in IMPLS.items():
-        def timed(mode, lam_):
-            return median_ms(lambda k: f(sets[k % len(sets)].A, sets[k % len(sets)].B, **sets[k % len(sets)].kwargs(),
-                                         align=mode, lam=lam_), device, repeats, max_s=30.0)
+        def call(mode, lam_):
+            return lambda k: f(sets[k % len(sets)].A, sets[k % len(sets)].B, **sets[k % len(sets)].kwargs(), align=mode, lam=lam_)
 
-        none, zero, full = timed("none", 0.0), timed(align, 0.0), timed(align, lam)
+        # The three calls take turns, so that their differences compare the same state of a drifting VM.
+        times = time_interleaved({"none": call("none", 0.0), "zero": call(align, 0.0), "full": call(align, lam)},
+                                 device, warmup=1, repeats=repeats, min_repeats=3, max_s=90.0)
+        none, zero, full = (spread(times[key])["median_s"] * 1e3 for key in ("none", "zero", "full"))
         ms = {"aggregation": none, "covariance": zero - none, "rotations": full - zero, "total": full}
         row[impl] = {"ms": ms, "floor_frac": {k: floors[k] / ms[k] if ms[k] > 0 else float("nan") for k in ms}}
     row["fused_vs_batched"] = row["batched"]["ms"]["total"] / row["fused"]["ms"]["total"]
