@@ -24,6 +24,8 @@ def test_summary_and_markdown_report_every_config_with_its_roofline(tmp_path):
         assert cells[4].startswith(f"{min(ratios):.2f}x")
         assert cells[6] == f"{sum(x >= 1.5 for x in ratios)}/2"
         assert cells[7].endswith("%")  # r = 16 is in: a roofline fraction is reported
+        r16 = next(r for r in (rows[:2] if align == "A" else rows[2:]) if r["r"] == 16)
+        assert cells[8] == f"{int(r16['floor_frac'] >= 0.5)}/1"
     table = report.markdown(paths[:1])
     assert "| roofline ms | % of roofline |" in table
     fused = next(line for line in table.splitlines() if line.startswith("| tiny_N3_r16_fp32 | fused (a) |"))
