@@ -21,7 +21,7 @@ import torch
 
 import fedrot_ext
 from bench import cli, machine, shapes
-from bench.timing import median_ms
+from bench.timing import spread, time_interleaved
 
 CONFIGS = (
     "roberta-large-qv_N10_r4_fp32", "roberta-large-qv_N10_r16_fp32", "roberta-large-qv_N10_r64_fp32",
@@ -34,8 +34,10 @@ def run(config_id: str, device: torch.device, repeats: int, align: str) -> dict:
     cfg = shapes.parse(config_id)
     inp = shapes.make_inputs(cfg, device, seed=0)
     call = lambda lam: fedrot_ext.align_and_aggregate(inp.A, inp.B, **inp.kwargs(), align=align, lam=lam)  # noqa: E731
-    fixed = median_ms(lambda k: call(0.5), device, repeats, max_s=60.0)
-    auto = median_ms(lambda k: call("auto"), device, repeats, max_s=60.0)
+    # The two calls take turns (bench/timing.py, time_interleaved): their ratio then holds on a drifting VM.
+    times = time_interleaved({"fixed": lambda k: call(0.5), "auto": lambda k: call("auto")}, device, warmup=1,
+                             repeats=repeats, min_repeats=3, max_s=120.0)
+    fixed, auto = (spread(times[key])["median_s"] * 1e3 for key in ("fixed", "auto"))
     chosen = call("auto").lam
     return {"config": config_id, "align": align, "fixed_ms": fixed, "auto_ms": auto, "ratio": auto / fixed,
             "lam_chosen": sorted(set(chosen))}

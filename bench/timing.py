@@ -77,11 +77,6 @@ def time_calls(fn: Callable[[int], object], device, warmup: int, repeats: int, m
     return time_interleaved({"fn": fn}, device, warmup, repeats, min_repeats, max_s, min_s)["fn"]
 
 
-def median_ms(fn: Callable[[int], object], device, repeats: int, max_s: float) -> float:
-    """Median ms per call of fn(k) after one warm-up call (at least 3 timed calls, fewer than `repeats` past `max_s`)."""
-    return spread(time_calls(fn, device, warmup=1, repeats=repeats, min_repeats=3, max_s=max_s))["median_s"] * 1e3
-
-
 def spread(times: List[float]) -> dict:
     """Median and interquartile range (as % of the median) of `times` in seconds."""
     med = statistics.median(times)

@@ -507,10 +507,12 @@ void aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partia
   for (int f = 0; f < 2; ++f) {
     const FactorView& v = p.views[2 * l + f];
     int64_t done = 0;
-    if (has_tile_layout(v) && partial.size() < size_t(R) * v.rows) partial.resize(size_t(R) * v.rows);
-    for (int64_t i = 0; has_tile_layout(v) && i < p.num_clients; i += group)
-      done = aggregate_tiles<scalar_t, acc_t, R>(p, v, n, 0, v.rows,
-                                                 {i, std::min<int64_t>(p.num_clients, i + group), partial.data()}, finite);
+    if (has_tile_layout(v)) {
+      if (partial.size() < size_t(R) * v.rows) partial.resize(size_t(R) * v.rows);
+      for (int64_t i = 0; i < p.num_clients; i += group)
+        done = aggregate_tiles<scalar_t, acc_t, R>(p, v, n, 0, v.rows,
+                                                   {i, std::min<int64_t>(p.num_clients, i + group), partial.data()}, finite);
+    }
     for (int64_t t0 = done; t0 < v.rows; t0 += kChunkRows)
       aggregate_chunk<scalar_t, acc_t, R>(p, v, n, t0, std::min(kChunkRows, v.rows - t0), finite);
   }
