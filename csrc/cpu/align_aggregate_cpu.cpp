@@ -60,18 +60,17 @@ Clients<acc_t> all_clients(const GroupParams& p) {
 constexpr int64_t kCovarianceBlock = 512;
 
 // A factors (t contiguous): M[j][k] = Σ_t x[j][t] y[k][t], 4×4 blocks of
-// (j, k) with vector accumulators over t, one cache block of t at a time.
-// Each block's accumulators are added as vectors to per-(j, k) partial sums,
-// reduced across lanes once at the end: a lane reduction per block would cost
-// as much as the block's FMAs at r = 64. Rows past n alias row 0 and are dropped.
+// (j, k) with vector accumulators over t, one cache block of t at a time. The
+// 16 accumulators of a block are reduced across lanes in registers
+// (sum_lanes_of) and added to the block's 16 partial sums. Rows past n alias
+// row 0 and are dropped.
 template <typename scalar_t, typename acc_t, int R>
 void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, int n, acc_t* M) {
   using S = Simd<acc_t, kVectorBytes>;
   using V = typename S::type;
-  constexpr int L = S::lanes, JB = 4;
-  static thread_local std::vector<V> partial_sums;  // R·R vectors, per thread: no allocation per call
-  partial_sums.assign(size_t(R) * R, V{});
-  V* part = partial_sums.data();
+  constexpr int L = S::lanes, JB = 4, NB = R / JB;
+  static_assert(JB * JB % L == 0, "a block's accumulators reduce L at a time");
+  alignas(64) acc_t part[NB * NB][JB * JB] = {};
   const int64_t T_vec = T - T % L;
   for (int64_t tb = 0; tb < T_vec; tb += kCovarianceBlock) {
     const int64_t te = std::min(T_vec, tb + kCovarianceBlock);
@@ -82,7 +81,7 @@ void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
           xr[b] = x + (j0 + b < n ? j0 + b : 0) * sx;
           yr[b] = y + (k0 + b < n ? k0 + b : 0) * sy;
         }
-        V acc[JB][JB] = {};
+        V acc[JB * JB] = {};
         for (int64_t t = tb; t < te; t += L) {
           V xv[JB], yv[JB];
 #pragma GCC unroll 4
@@ -93,26 +92,91 @@ void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
 #pragma GCC unroll 4
           for (int a = 0; a < JB; ++a)
 #pragma GCC unroll 4
-            for (int b = 0; b < JB; ++b) acc[a][b] += xv[a] * yv[b];
+            for (int b = 0; b < JB; ++b) acc[a * JB + b] += xv[a] * yv[b];
         }
-        for (int a = 0; a < JB; ++a)
-          for (int b = 0; b < JB; ++b) part[(j0 + a) * R + k0 + b] += acc[a][b];
+        acc_t* sums = part[j0 / JB * NB + k0 / JB];
+        for (int g = 0; g < JB * JB; g += L)
+          store_vector<V>(sums + g, load_lanes<V, acc_t, L>(sums + g) + sum_lanes_of<V, L>(acc + g));
       }
   }
-  // Lanes summed in order q = 0..L-1 for each (j, k), with k innermost: R
-  // independent add chains instead of one serial chain of R·L adds per row j,
-  // which cost as much as the FMAs at d = 1024, r = 16.
-  const acc_t* lanes = reinterpret_cast<const acc_t*>(part);
-  for (int j = 0; j < n; ++j) {
-    acc_t sum[R] = {};
-    for (int q = 0; q < L; ++q)
-#pragma GCC unroll 16
-      for (int k = 0; k < R; ++k) sum[k] += lanes[(j * R + k) * L + q];
+  for (int j = 0; j < n; ++j)
     for (int k = 0; k < n; ++k) {
-      for (int64_t u = T_vec; u < T; ++u)
-        sum[k] += static_cast<acc_t>(x[j * sx + u]) * static_cast<acc_t>(y[k * sy + u]);
-      M[j * R + k] += sum[k];
+      acc_t sum = part[j / JB * NB + k / JB][j % JB * JB + k % JB];
+      for (int64_t u = T_vec; u < T; ++u) sum += static_cast<acc_t>(x[j * sx + u]) * static_cast<acc_t>(y[k * sy + u]);
+      M[j * R + k] += sum;
     }
+}
+
+// Rows of t per block of the transposed reference: (rows × R) values of acc_t in 32 KB, which stay in L1.
+template <typename acc_t, int R>
+constexpr int64_t kTransposedRows = 32768 / (R * int64_t(sizeof(acc_t)));
+
+// Whether A factors of bucket R take covariance_t_transposed: with 4 vectors per row of M, a
+// broadcast tile of 6 rows × 4 vectors does 24 FMAs per 10 loads with no lane reductions, against
+// 16 FMAs per 8 loads plus a 16-lane reduction per 4 × 4 block in the dot form (one core,
+// 64 × 1024 fp32: 60 vs 108 us). Below that the transpose costs more than it saves.
+template <typename acc_t, int R>
+constexpr bool kTransposedCovariance = kVectorRegisters == 32 && R / Simd<acc_t, kVectorBytes>::lanes >= 4;
+
+// A factors (t contiguous) for kTransposedCovariance: each block of t of y is transposed into a
+// (t, k) buffer (transpose_lanes, L × L at a time; rows k >= n are zero), then tiles of JB rows ×
+// JV vectors of M take one broadcast x[j][t] per row and one buffer vector per JV per t. Rows past
+// n alias row 0 and are dropped; columns past n get zero sums and are reset to zero.
+template <typename scalar_t, typename acc_t, int R>
+void covariance_t_transposed(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, int n, acc_t* M) {
+  using S = Simd<acc_t, kVectorBytes>;
+  using V = typename S::type;
+  constexpr int L = S::lanes, JV = 4, JB = kTileAccumulators / JV;
+  constexpr int64_t TB = kTransposedRows<acc_t, R>;
+  static_assert(TB % L == 0 && R % (JV * L) == 0, "whole lane blocks of t and of k");
+  constexpr int64_t kLinesPerRow = TB * int64_t(sizeof(scalar_t)) / 64;
+  alignas(64) acc_t yt[TB][R];
+  const int64_t T_vec = T - T % L;
+  for (int64_t tb = 0; tb < T_vec; tb += TB) {
+    const int64_t rows = std::min(T_vec - tb, TB);
+    for (int64_t t = 0; t < rows; t += L)
+      for (int k0 = 0; k0 < R; k0 += L) {
+        V v[L];
+        for (int q = 0; q < L; ++q) {
+          const scalar_t* yq = y + (k0 + q < n ? k0 + q : 0) * sy + tb + t;
+          __builtin_prefetch(yq + TB);
+          v[q] = k0 + q < n ? load_lanes_widened<V, scalar_t, L>(yq) : V{};
+        }
+        transpose_lanes<V, L>(v);
+        for (int q = 0; q < L; ++q) store_vector<V>(&yt[t + q][k0], v[q]);
+      }
+    for (int j0 = 0; j0 < n; j0 += JB)
+      for (int k0 = 0; k0 < R; k0 += JV * L) {
+        const scalar_t* xr[JB];
+        for (int a = 0; a < JB; ++a) xr[a] = x + (j0 + a < n ? j0 + a : 0) * sx + tb;
+        if (k0 == 0)  // the next block of these rows: 64+ short streams are more than the prefetcher follows
+          for (int a = 0; a < JB; ++a)
+            for (int64_t c = 0; c < kLinesPerRow; ++c)
+              __builtin_prefetch(reinterpret_cast<const char*>(xr[a] + TB) + 64 * c, 0, 2);
+        V acc[JB][JV] = {};
+        for (int64_t t = 0; t < rows; ++t) {
+          V yv[JV];
+#pragma GCC unroll 4
+          for (int u = 0; u < JV; ++u) yv[u] = load_lanes<V, acc_t, L>(&yt[t][k0 + u * L]);
+#pragma GCC unroll 8
+          for (int a = 0; a < JB; ++a) {
+            const acc_t xa = static_cast<acc_t>(xr[a][t]);
+#pragma GCC unroll 4
+            for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
+          }
+        }
+        for (int a = 0; a < JB && j0 + a < n; ++a)
+          for (int u = 0; u < JV; ++u) {
+            acc_t* m = M + (j0 + a) * R + k0 + u * L;
+            store_vector<V>(m, load_lanes<V, acc_t, L>(m) + acc[a][u]);
+          }
+      }
+  }
+  for (int j = 0; j < n; ++j) {
+    for (int k = 0; k < n; ++k)
+      for (int64_t u = T_vec; u < T; ++u)
+        M[j * R + k] += static_cast<acc_t>(x[j * sx + u]) * static_cast<acc_t>(y[k * sy + u]);
+    std::fill(M + j * R + n, M + (j + 1) * R, acc_t(0));
   }
 }
 
@@ -173,8 +237,12 @@ template <typename scalar_t, typename acc_t, int R>
 void accumulate_covariance(const FactorView& v, int64_t client, int n, acc_t* M) {
   const scalar_t* x = static_cast<const scalar_t*>(v.x) + client * v.client_stride;
   const scalar_t* y = static_cast<const scalar_t*>(v.ref);
-  if (v.stride_t == 1 && v.ref_stride_t == 1)
-    return covariance_t_contiguous<scalar_t, acc_t, R>(x, v.stride_j, y, v.ref_stride_j, v.rows, n, M);
+  if (v.stride_t == 1 && v.ref_stride_t == 1) {
+    if constexpr (kTransposedCovariance<acc_t, R>)
+      return covariance_t_transposed<scalar_t, acc_t, R>(x, v.stride_j, y, v.ref_stride_j, v.rows, n, M);
+    else
+      return covariance_t_contiguous<scalar_t, acc_t, R>(x, v.stride_j, y, v.ref_stride_j, v.rows, n, M);
+  }
   if (v.stride_j == 1 && v.ref_stride_j == 1 && n == R)
     return covariance_j_contiguous_full<scalar_t, acc_t, R>(x, v.stride_t, y, v.ref_stride_t, v.rows, M);
   if (v.stride_j == 1 && v.ref_stride_j == 1)

@@ -36,10 +36,16 @@ struct Simd {
 template <typename acc_t, int R>
 using RowSimd = Simd<acc_t, (R * int(sizeof(acc_t)) < kVectorBytes ? R * int(sizeof(acc_t)) : kVectorBytes)>;
 
+// L lanes from x (one vector load: GCC can turn the lane-by-lane form into L masked broadcasts).
 template <typename V, typename scalar_t, int L>
 inline V load_lanes(const scalar_t* x) {
   V v;
-  for (int q = 0; q < L; ++q) v[q] = x[q];
+  if constexpr (std::is_same_v<std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>, scalar_t>) {
+    static_assert(sizeof v == L * sizeof(scalar_t), "L lanes fill the vector");
+    std::memcpy(&v, x, sizeof v);
+  } else {
+    for (int q = 0; q < L; ++q) v[q] = x[q];
+  }
   return v;
 }
 
@@ -117,6 +123,65 @@ inline void store_lanes(scalar_t* out, const V v, V& check) {
     stored = load_lanes_widened<V, scalar_t, L>(out);
   }
   check += (v - v) + (stored - stored);
+}
+
+// The integer vector of V's size and lane width: the lane indices of a shuffle.
+template <typename V>
+using LaneIndex = typename Simd<std::conditional_t<sizeof(V{}[0]) == 8, int64_t, int32_t>, int(sizeof(V))>::type;
+
+// Transposes the L × L block held in v[0..L) in place (lane p of v[q] <-> lane q of v[p]): log2 L
+// stages, each swapping the off-diagonal s × s blocks of every 2s × 2s block, two shuffles per pair.
+template <typename V, int L>
+inline void transpose_lanes(V* v) {
+#if defined(__GNUC__) && !defined(__clang__)
+  for (int s = L / 2; s >= 1; s /= 2) {
+    LaneIndex<V> lo, hi;
+    for (int q = 0; q < L; ++q) {
+      lo[q] = (q & s) ? L + q - s : q;
+      hi[q] = (q & s) ? L + q : q + s;
+    }
+    for (int q = 0; q < L; ++q)
+      if (!(q & s)) {
+        const V a = v[q], b = v[q | s];
+        v[q] = __builtin_shuffle(a, b, lo);
+        v[q | s] = __builtin_shuffle(a, b, hi);
+      }
+  }
+#else
+  for (int q = 0; q < L; ++q)
+    for (int p = q + 1; p < L; ++p) {
+      const auto a = v[q][p];
+      v[q][p] = v[p][q];
+      v[p][q] = a;
+    }
+#endif
+}
+
+// Lane q of the result is the sum of the lanes of v[q], for q < L: log2 L stages, each adding the
+// two halves of the partial sums of a pair of vectors (two shuffles and one add), in a fixed order.
+template <typename V, int L>
+inline V sum_lanes_of(const V* v) {
+#if defined(__GNUC__) && !defined(__clang__)
+  V sums[L];
+  for (int q = 0; q < L; ++q) sums[q] = v[q];
+  for (int s = L / 2, count = L; s >= 1; s /= 2, count /= 2) {
+    LaneIndex<V> lo, hi;
+    for (int q = 0; q < L; ++q) {
+      lo[q] = q / s * 2 * s + q % s;
+      hi[q] = lo[q] + s;
+    }
+    for (int q = 0; q < count / 2; ++q)
+      sums[q] = __builtin_shuffle(sums[2 * q], sums[2 * q + 1], lo) + __builtin_shuffle(sums[2 * q], sums[2 * q + 1], hi);
+  }
+  return sums[0];
+#else
+  V out;
+  for (int q = 0; q < L; ++q) {
+    out[q] = 0;
+    for (int p = 0; p < L; ++p) out[q] += v[q][p];
+  }
+  return out;
+#endif
 }
 
 template <typename V, int L>

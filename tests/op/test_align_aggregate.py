@@ -42,6 +42,16 @@ def test_matches_reference_each_rank(r, dtype, device):
     check_against_reference(p, device, dtype, align="A", lam=0.5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r", [24, 48, 64])
+def test_matches_reference_across_covariance_blocks(r, dtype, device):
+    # A factors long enough for several cache blocks of the covariance kernels plus a vector tail,
+    # at full and padded ranks of the 32 and 64 buckets (the transposed-reference kernel on AVX-512).
+    shapes = [(r, 531, 70), (r, 301, 2 * r + 5)]
+    p = make_problem(shapes, n_clients=3, dtype=dtype, seed=100 + r)
+    check_against_reference(p, device, dtype, align="AB", lam=0.5)
+
+
 @pytest.mark.parametrize("align", ["none", "A", "B", "AB"])
 @pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 1.0])
 def test_matches_reference_align_modes(align, lam, device):
