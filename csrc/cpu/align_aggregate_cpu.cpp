@@ -81,8 +81,13 @@ void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
           xr[b] = x + (j0 + b < n ? j0 + b : 0) * sx;
           yr[b] = y + (k0 + b < n ? k0 + b : 0) * sy;
         }
+        // Prefetch the x rows read next (the next tile row, or the first of the next block), a row
+        // per k0 tile and a line per step: the first k0 tile of a row otherwise waits on DRAM.
+        const bool last_row = j0 + JB >= n;
+        const scalar_t* next = x + ((last_row ? 0 : j0 + JB) + k0 / JB % JB) * sx + (last_row ? te - tb : 0);
         V acc[JB * JB] = {};
         for (int64_t t = tb; t < te; t += L) {
+          __builtin_prefetch(next + t, 0, 3);
           V xv[JB], yv[JB];
 #pragma GCC unroll 4
           for (int b = 0; b < JB; ++b) {
