@@ -421,12 +421,14 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
       V cv[JV];
 #pragma GCC unroll 8
       for (int u = 0; u < JV; ++u) cv[u] = load_lanes<V, acc_t, L>(C + k * R + u * L);
+      with_neighbour(k, n, [&](auto neighbour) {
 #pragma GCC unroll 32
-      for (int b = 0; b < TB; ++b) {
-        const acc_t xk = static_cast<acc_t>(x[b * stride_t + k]);
+        for (int b = 0; b < TB; ++b) {
+          const V xk = broadcast_widened<V, scalar_t, L, decltype(neighbour)::value>(x + b * stride_t + k);
 #pragma GCC unroll 8
-        for (int u = 0; u < JV; ++u) acc[b][u] += xk * cv[u];
-      }
+          for (int u = 0; u < JV; ++u) acc[b][u] += xk * cv[u];
+        }
+      });
     }
   }
   if (clients.end < p.num_clients) {

@@ -97,6 +97,42 @@ inline V load_lanes_widened(const scalar_t* x) {
   else return load_lanes<V, scalar_t, L>(x);
 }
 
+// Which neighbour of x[0] a broadcast may read: a bf16 value is broadcast as one 32-bit load of
+// itself and x[1] (kNext: a shift), or of x[-1] and itself (kPrevious: a mask), never past its row;
+// kAlone (a row of one value) widens it as a scalar. A scalar bf16 widening costs two port-5
+// operations per broadcast (vmovd, vbroadcastss), as many as the FMAs it feeds.
+enum class Neighbour { kNext, kPrevious, kAlone };
+
+template <typename V, typename scalar_t, int L, Neighbour kRead>
+inline V broadcast_widened(const scalar_t* x) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kRead != Neighbour::kAlone) {
+    uint32_t pair;
+    std::memcpy(&pair, kRead == Neighbour::kNext ? x : x - 1, sizeof pair);
+    Fp32Bits<L> bits = Fp32Bits<L>{} + pair;
+    // Keeps the shift or mask in the vector unit: GCC would apply it to the scalar and broadcast
+    // from a general register, a port-5 operation, instead of broadcasting in the load.
+#if defined(__AVX512F__)
+    __asm__("" : "+v"(bits));
+#else
+    __asm__("" : "+x"(bits));
+#endif
+    bits = kRead == Neighbour::kNext ? bits << 16 : bits & 0xFFFF0000u;
+    V v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  } else {
+    return V{} + static_cast<decltype(V{}[0] + 0)>(x[0]);
+  }
+}
+
+// Calls f(std::integral_constant<Neighbour, ...>{}) with the neighbour element k of a row of n may read.
+template <typename F>
+inline void with_neighbour(int k, int n, F&& f) {
+  if (k + 1 < n) f(std::integral_constant<Neighbour, Neighbour::kNext>{});
+  else if (k > 0) f(std::integral_constant<Neighbour, Neighbour::kPrevious>{});
+  else f(std::integral_constant<Neighbour, Neighbour::kAlone>{});
+}
+
 // Stores a vector of the accumulate type as it is (v by value: the caller's register is not spilled).
 template <typename V, typename acc_t>
 inline void store_vector(acc_t* out, const V v) {
