@@ -163,12 +163,14 @@ void covariance_t_transposed(const scalar_t* x, int64_t sx, const scalar_t* y, i
           V yv[JV];
 #pragma GCC unroll 4
           for (int u = 0; u < JV; ++u) yv[u] = load_lanes<V, acc_t, L>(&yt[t][k0 + u * L]);
+          with_neighbour(tb + t, T, [&](auto neighbour) {
 #pragma GCC unroll 8
-          for (int a = 0; a < JB; ++a) {
-            const acc_t xa = static_cast<acc_t>(xr[a][t]);
+            for (int a = 0; a < JB; ++a) {
+              const V xa = broadcast_widened<V, scalar_t, L, decltype(neighbour)::value>(xr[a] + t);
 #pragma GCC unroll 4
-            for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
-          }
+              for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
+            }
+          });
         }
         for (int a = 0; a < JB && j0 + a < n; ++a)
           for (int u = 0; u < JV; ++u) {

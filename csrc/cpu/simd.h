@@ -127,7 +127,7 @@ inline V broadcast_widened(const scalar_t* x) {
 
 // Calls f(std::integral_constant<Neighbour, ...>{}) with the neighbour element k of a row of n may read.
 template <typename F>
-inline void with_neighbour(int k, int n, F&& f) {
+inline void with_neighbour(int64_t k, int64_t n, F&& f) {
   if (k + 1 < n) f(std::integral_constant<Neighbour, Neighbour::kNext>{});
   else if (k > 0) f(std::integral_constant<Neighbour, Neighbour::kPrevious>{});
   else f(std::integral_constant<Neighbour, Neighbour::kAlone>{});
