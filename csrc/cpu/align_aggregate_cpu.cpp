@@ -189,28 +189,39 @@ void covariance_t_transposed(const scalar_t* x, int64_t sx, const scalar_t* y, i
 
 // B factors (j contiguous) at full rank n = R: M[j][k] = Σ_t x[t][j] y[t][k],
 // tiles of JB rows × JV vectors of M (kTileAccumulators) over one cache block of t,
-// x and y read in place.
+// x and y read in place. The last row tile (holding row R - 1) is its own
+// instantiation, so that which neighbour each broadcast reads is known at compile time.
 template <typename scalar_t, typename acc_t, int R>
 void covariance_j_contiguous_full(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, acc_t* M) {
   using S = RowSimd<acc_t, R>;
   using V = typename S::type;
   constexpr int L = S::lanes, U = R / L, JV = U < 4 ? U : 4, JB = kTileAccumulators / JV < R ? kTileAccumulators / JV : R;
+  constexpr int kLastTile = (R - 1) / JB * JB;
+  auto tile = [&](auto last_tile, int j0, int k0, int64_t tb, int64_t te) {
+    if constexpr (decltype(last_tile)::value) j0 = kLastTile;
+    V acc[JB][JV] = {};
+    for (int64_t t = tb; t < te; ++t) {
+      V yv[JV];
+      for (int u = 0; u < JV; ++u) yv[u] = load_lanes_widened<V, scalar_t, L>(y + t * sy + k0 + u * L);
+      for (int a = 0; a < JB; ++a) {
+        const int j = j0 + a;
+        const scalar_t* xj = x + t * sx + j;
+        V xa = {};  // rows past R add nothing
+        if (!decltype(last_tile)::value || j + 1 < R) xa = broadcast_widened<V, scalar_t, L, Neighbour::kNext>(xj);
+        else if (j < R) xa = broadcast_widened<V, scalar_t, L, Neighbour::kPrevious>(xj);
+        for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
+      }
+    }
+    for (int a = 0; a < JB && j0 + a < R; ++a)
+      for (int u = 0; u < JV; ++u)
+        for (int q = 0; q < L; ++q) M[(j0 + a) * R + k0 + u * L + q] += acc[a][u][q];
+  };
   for (int64_t tb = 0; tb < T; tb += kCovarianceBlock) {
     const int64_t te = std::min(T, tb + kCovarianceBlock);
     for (int j0 = 0; j0 < R; j0 += JB)
       for (int k0 = 0; k0 < R; k0 += JV * L) {
-        V acc[JB][JV] = {};
-        for (int64_t t = tb; t < te; ++t) {
-          V yv[JV];
-          for (int u = 0; u < JV; ++u) yv[u] = load_lanes_widened<V, scalar_t, L>(y + t * sy + k0 + u * L);
-          for (int a = 0; a < JB; ++a) {
-            const acc_t xa = j0 + a < R ? static_cast<acc_t>(x[t * sx + (j0 + a < R ? j0 + a : 0)]) : acc_t(0);
-            for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
-          }
-        }
-        for (int a = 0; a < JB && j0 + a < R; ++a)
-          for (int u = 0; u < JV; ++u)
-            for (int q = 0; q < L; ++q) M[(j0 + a) * R + k0 + u * L + q] += acc[a][u][q];
+        if (j0 == kLastTile) tile(std::true_type{}, j0, k0, tb, te);
+        else tile(std::false_type{}, j0, k0, tb, te);
       }
   }
 }
