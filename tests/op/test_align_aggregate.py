@@ -43,10 +43,11 @@ def test_matches_reference_each_rank(r, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("r", [24, 48, 64])
+@pytest.mark.parametrize("r", [4, 16, 24, 48, 64])
 def test_matches_reference_across_covariance_blocks(r, dtype, device):
     # A factors long enough for several cache blocks of the covariance kernels plus a vector tail,
-    # at full and padded ranks of the 32 and 64 buckets (the transposed-reference kernel on AVX-512).
+    # at full and padded ranks (the transposed-reference kernel of the 32 and 64 buckets on AVX-512,
+    # the bf16 broadcasts of the B kernels at full rank).
     shapes = [(r, 531, 70), (r, 301, 2 * r + 5)]
     p = make_problem(shapes, n_clients=3, dtype=dtype, seed=100 + r)
     check_against_reference(p, device, dtype, align="AB", lam=0.5)
