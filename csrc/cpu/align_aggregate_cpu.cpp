@@ -166,7 +166,7 @@ void covariance_t_transposed(const scalar_t* x, int64_t sx, const scalar_t* y, i
           with_neighbour(tb + t, T, [&](auto neighbour) {
 #pragma GCC unroll 8
             for (int a = 0; a < JB; ++a) {
-              const V xa = broadcast_widened<V, scalar_t, L, decltype(neighbour)::value>(xr[a] + t);
+              const auto xa = broadcast_widened<V, scalar_t, L, decltype(neighbour)::value>(xr[a] + t);
 #pragma GCC unroll 4
               for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
             }
@@ -206,7 +206,7 @@ void covariance_j_contiguous_full(const scalar_t* x, int64_t sx, const scalar_t*
       for (int a = 0; a < JB; ++a) {
         const int j = j0 + a;
         const scalar_t* xj = x + t * sx + j;
-        V xa = {};  // rows past R add nothing
+        decltype(broadcast_widened<V, scalar_t, L, Neighbour::kNext>(xj)) xa = {};  // rows past R add nothing
         if (!decltype(last_tile)::value || j + 1 < R) xa = broadcast_widened<V, scalar_t, L, Neighbour::kNext>(xj);
         else if (j < R) xa = broadcast_widened<V, scalar_t, L, Neighbour::kPrevious>(xj);
         for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
@@ -437,7 +437,7 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
       with_neighbour(k, n, [&](auto neighbour) {
 #pragma GCC unroll 32
         for (int b = 0; b < TB; ++b) {
-          const V xk = broadcast_widened<V, scalar_t, L, decltype(neighbour)::value>(x + b * stride_t + k);
+          const auto xk = broadcast_widened<V, scalar_t, L, decltype(neighbour)::value>(x + b * stride_t + k);
 #pragma GCC unroll 8
           for (int u = 0; u < JV; ++u) acc[b][u] += xk * cv[u];
         }

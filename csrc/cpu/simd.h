@@ -103,8 +103,10 @@ inline V load_lanes_widened(const scalar_t* x) {
 // operations per broadcast (vmovd, vbroadcastss), as many as the FMAs it feeds.
 enum class Neighbour { kNext, kPrevious, kAlone };
 
+// Other types return the widened scalar, which the caller's vector product broadcasts (a vector
+// V{} + x would cost an add: 0 + x is not x for x = -0).
 template <typename V, typename scalar_t, int L, Neighbour kRead>
-inline V broadcast_widened(const scalar_t* x) {
+inline auto broadcast_widened(const scalar_t* x) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kRead != Neighbour::kAlone) {
     uint32_t pair;
     std::memcpy(&pair, kRead == Neighbour::kNext ? x : x - 1, sizeof pair);
@@ -121,7 +123,7 @@ inline V broadcast_widened(const scalar_t* x) {
     std::memcpy(&v, &bits, sizeof v);
     return v;
   } else {
-    return V{} + static_cast<decltype(V{}[0] + 0)>(x[0]);
+    return static_cast<decltype(V{}[0] + 0)>(x[0]);
   }
 }
 
