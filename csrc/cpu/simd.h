@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -167,24 +168,47 @@ inline void store_lanes(scalar_t* out, const V v, V& check) {
 template <typename V>
 using LaneIndex = typename Simd<std::conditional_t<sizeof(V{}[0]) == 8, int64_t, int32_t>, int(sizeof(V))>::type;
 
-// Transposes the L × L block held in v[0..L) in place (lane p of v[q] <-> lane q of v[p]): log2 L
-// stages, each swapping the off-diagonal s × s blocks of every 2s × 2s block, two shuffles per pair.
+// The shuffle index vector {index(0), ..., index(L - 1)}: a constant when index is constexpr.
+template <typename V, typename F, std::size_t... q>
+inline LaneIndex<V> lane_index(F index, std::index_sequence<q...>) {
+  return LaneIndex<V>{index(int(q))...};
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+// One stage of transpose_lanes: swaps the off-diagonal S × S blocks of every 2S × 2S block of
+// v[0..L), two shuffles per pair of vectors, then the next stage. S is a template argument so that
+// the index vectors are compile-time constants (as loop variables, GCC built them lane by lane).
+template <typename V, int L, int S>
+inline void transpose_stage(V* v) {
+  const LaneIndex<V> lo = lane_index<V>([](int q) { return (q & S) ? L + q - S : q; }, std::make_index_sequence<L>{});
+  const LaneIndex<V> hi = lane_index<V>([](int q) { return (q & S) ? L + q : q + S; }, std::make_index_sequence<L>{});
+  for (int q = 0; q < L; ++q)
+    if (!(q & S)) {
+      const V a = v[q], b = v[q | S];
+      v[q] = __builtin_shuffle(a, b, lo);
+      v[q | S] = __builtin_shuffle(a, b, hi);
+    }
+  if constexpr (S > 1) transpose_stage<V, L, S / 2>(v);
+}
+
+// One stage of sum_lanes_of: 2S vectors of partial sums become S, each adding the two halves of the
+// partial sums of a pair (two shuffles and one add), then the next stage.
+template <typename V, int L, int S>
+inline void sum_lanes_stage(V* sums) {
+  const LaneIndex<V> lo = lane_index<V>([](int q) { return q / S * 2 * S + q % S; }, std::make_index_sequence<L>{});
+  const LaneIndex<V> hi = lane_index<V>([](int q) { return q / S * 2 * S + q % S + S; }, std::make_index_sequence<L>{});
+  for (int q = 0; q < S; ++q)
+    sums[q] = __builtin_shuffle(sums[2 * q], sums[2 * q + 1], lo) + __builtin_shuffle(sums[2 * q], sums[2 * q + 1], hi);
+  if constexpr (S > 1) sum_lanes_stage<V, L, S / 2>(sums);
+}
+#endif
+
+// Transposes the L × L block held in v[0..L) in place (lane p of v[q] <-> lane q of v[p]) in log2 L
+// stages (transpose_stage).
 template <typename V, int L>
 inline void transpose_lanes(V* v) {
 #if defined(__GNUC__) && !defined(__clang__)
-  for (int s = L / 2; s >= 1; s /= 2) {
-    LaneIndex<V> lo, hi;
-    for (int q = 0; q < L; ++q) {
-      lo[q] = (q & s) ? L + q - s : q;
-      hi[q] = (q & s) ? L + q : q + s;
-    }
-    for (int q = 0; q < L; ++q)
-      if (!(q & s)) {
-        const V a = v[q], b = v[q | s];
-        v[q] = __builtin_shuffle(a, b, lo);
-        v[q | s] = __builtin_shuffle(a, b, hi);
-      }
-  }
+  transpose_stage<V, L, L / 2>(v);
 #else
   for (int q = 0; q < L; ++q)
     for (int p = q + 1; p < L; ++p) {
@@ -195,22 +219,14 @@ inline void transpose_lanes(V* v) {
 #endif
 }
 
-// Lane q of the result is the sum of the lanes of v[q], for q < L: log2 L stages, each adding the
-// two halves of the partial sums of a pair of vectors (two shuffles and one add), in a fixed order.
+// Lane q of the result is the sum of the lanes of v[q], for q < L, in log2 L stages
+// (sum_lanes_stage), in a fixed order.
 template <typename V, int L>
 inline V sum_lanes_of(const V* v) {
 #if defined(__GNUC__) && !defined(__clang__)
   V sums[L];
   for (int q = 0; q < L; ++q) sums[q] = v[q];
-  for (int s = L / 2, count = L; s >= 1; s /= 2, count /= 2) {
-    LaneIndex<V> lo, hi;
-    for (int q = 0; q < L; ++q) {
-      lo[q] = q / s * 2 * s + q % s;
-      hi[q] = lo[q] + s;
-    }
-    for (int q = 0; q < count / 2; ++q)
-      sums[q] = __builtin_shuffle(sums[2 * q], sums[2 * q + 1], lo) + __builtin_shuffle(sums[2 * q], sums[2 * q + 1], hi);
-  }
+  sum_lanes_stage<V, L, L / 2>(sums);
   return sums[0];
 #else
   V out;
