@@ -44,10 +44,40 @@ const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
 // the FMAs of every output element are those of one call over all clients, in the same order, so
 // the result is bitwise the same; a pass then streams a few clients' rows instead of N·n interleaved
 // ones, which the hardware prefetcher follows.
+// Byte ranges the tile kernels pull into L2 while they compute, a line per step of their inner loop:
+// in the client-at-a-time schedule, the factors read next, so that their DRAM reads overlap FMAs on
+// factors already in L2 instead of following them.
+class Prefetcher {
+ public:
+  void add(const void* begin, int64_t bytes) {
+    if (count_ < kMaxRanges && bytes > 0) ranges_[count_++] = {static_cast<const char*>(begin), bytes};
+  }
+  void step() {
+    if (next_ < end_) {
+      __builtin_prefetch(next_, 0, 2);
+      next_ += 64;
+    } else if (current_ < count_) {
+      next_ = ranges_[current_].begin;
+      end_ = next_ + ranges_[current_++].bytes;
+    }
+  }
+
+ private:
+  static constexpr int kMaxRanges = 4;
+  struct Range {
+    const char* begin;
+    int64_t bytes;
+  };
+  Range ranges_[kMaxRanges];
+  int count_ = 0, current_ = 0;
+  const char *next_ = nullptr, *end_ = nullptr;
+};
+
 template <typename acc_t>
 struct Clients {
   int64_t begin, end;
   acc_t* partial;  // R × T (A: row j at j·T) or T × R (B) accumulators; null for all clients at once
+  Prefetcher* prefetch = nullptr;
 };
 
 template <typename acc_t>
@@ -371,6 +401,7 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
         const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + tb;
         const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
         for (int k = 0; k < n; ++k) {
+          if (clients.prefetch) clients.prefetch->step();
           const scalar_t* xk = x + k * v.stride_j;
           if (j0 == 0)
 #pragma GCC unroll 4
@@ -386,7 +417,7 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
           }
         }
       }
-      if (clients.end < p.num_clients) {
+      if (partial && clients.end < p.num_clients) {  // partial is set when end < N; GCC cannot see it
 #pragma GCC unroll 8
         for (int jb = 0; jb < JB; ++jb)
 #pragma GCC unroll 8
@@ -431,6 +462,7 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
 #pragma GCC unroll 32
       for (int c = 0; c < kNextTileLines; ++c) __builtin_prefetch(reinterpret_cast<const char*>(x + TB * ST) + 64 * c);
     for (int k = 0; k < n; ++k) {
+      if (clients.prefetch) clients.prefetch->step();
       V cv[JV];
 #pragma GCC unroll 8
       for (int u = 0; u < JV; ++u) cv[u] = load_lanes<V, acc_t, L>(C + k * R + u * L);
@@ -444,7 +476,7 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
       });
     }
   }
-  if (clients.end < p.num_clients) {
+  if (partial && clients.end < p.num_clients) {  // partial is set when end < N; GCC cannot see it
 #pragma GCC unroll 32
     for (int b = 0; b < TB; ++b)
 #pragma GCC unroll 8
@@ -582,42 +614,68 @@ int64_t layer_client_bytes(const GroupParams& p, int64_t l) {
 // pay a load and store of the partial sums for every few FMAs.
 constexpr int kClientGroupRows = 15;
 
-// Layer l's aggregates. When its clients fit the L2 budget, by row chunks over all clients; else the
-// tile kernels a few clients a pass (Clients, partial: R × rows sums), then the rows they leave (the
-// A tail, other layouts) by row chunks over all clients.
+// Adds clients [begin, end) of v to `prefetch` where they are one dense range.
+template <typename scalar_t>
+void add_clients(Prefetcher& prefetch, const FactorView& v, int n, int64_t begin, int64_t end) {
+  const bool dense = (v.stride_t == 1 && v.stride_j == v.rows) || (v.stride_j == 1 && v.stride_t == n);
+  if (dense && v.client_stride == v.rows * n)
+    prefetch.add(static_cast<const scalar_t*>(v.x) + begin * v.client_stride,
+                 (end - begin) * v.client_stride * int64_t(sizeof(scalar_t)));
+}
+
+// Layer l: its rotations, then its aggregates. When its clients fit the L2 budget, by row chunks
+// over all clients, which the covariances left in L2. Else a few clients at a time: their
+// rotations, then the tile kernels for those clients (Clients; partial: R × rows sums of both views),
+// which read the factors the covariances just brought into L2 instead of from DRAM a second time;
+// then the rows the tiles leave (the A tail, other layouts) by row chunks over all clients.
 template <typename scalar_t, typename acc_t, int R>
-void aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partial) {
-  if (layer_client_bytes<scalar_t>(p, l) <= l2_budget_bytes())
+void align_and_aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partial) {
+  const int64_t first = l * p.num_clients;
+  if (layer_client_bytes<scalar_t>(p, l) <= l2_budget_bytes()) {
+    rotate_clients<scalar_t, acc_t, R>(p, first, first + p.num_clients);
     return aggregate_chunks<scalar_t, acc_t, R>(p, p.views[2 * l].chunk_begin, layer_chunks_end(p, l));
+  }
   bool finite = true;
   const int n = p.layers[l].n;
   const int64_t group = kClientGroupRows / n + 1;
+  int64_t done[2] = {0, 0};
+  const int64_t rows_a = p.views[2 * l].rows, rows = rows_a + p.views[2 * l + 1].rows;
+  if (partial.size() < size_t(R * rows)) partial.resize(size_t(R * rows));
+  acc_t* const partials[2] = {partial.data(), partial.data() + R * rows_a};  // per view
+  // Where one view aligns, it goes first: the covariances left it in L2. While the tile kernels
+  // compute, they prefetch the second view of these clients and the next clients' aligned views.
+  const bool b_first = p.views[2 * l].ref == nullptr && p.views[2 * l + 1].ref != nullptr;
+  const int order[2] = {b_first ? 1 : 0, b_first ? 0 : 1};
+  for (int64_t i = 0; i < p.num_clients; i += group) {
+    const int64_t end = std::min<int64_t>(p.num_clients, i + group);
+    rotate_clients<scalar_t, acc_t, R>(p, first + i, first + end);
+    Prefetcher prefetch;
+    if (p.views[2 * l + order[1]].ref == nullptr) add_clients<scalar_t>(prefetch, p.views[2 * l + order[1]], n, i, end);
+    for (int f : order)
+      if (p.views[2 * l + f].ref != nullptr)
+        add_clients<scalar_t>(prefetch, p.views[2 * l + f], n, end, std::min<int64_t>(p.num_clients, end + group));
+    for (int f : order) {
+      const FactorView& v = p.views[2 * l + f];
+      if (has_tile_layout(v))
+        done[f] = aggregate_tiles<scalar_t, acc_t, R>(p, v, n, 0, v.rows, {i, end, partials[f], &prefetch}, finite);
+    }
+  }
   for (int f = 0; f < 2; ++f) {
     const FactorView& v = p.views[2 * l + f];
-    int64_t done = 0;
-    if (has_tile_layout(v)) {
-      if (partial.size() < size_t(R) * v.rows) partial.resize(size_t(R) * v.rows);
-      for (int64_t i = 0; i < p.num_clients; i += group)
-        done = aggregate_tiles<scalar_t, acc_t, R>(p, v, n, 0, v.rows,
-                                                   {i, std::min<int64_t>(p.num_clients, i + group), partial.data()}, finite);
-    }
-    for (int64_t t0 = done; t0 < v.rows; t0 += kChunkRows)
+    for (int64_t t0 = done[f]; t0 < v.rows; t0 += kChunkRows)
       aggregate_chunk<scalar_t, acc_t, R>(p, v, n, t0, std::min(kChunkRows, v.rows - t0), finite);
   }
   if (!finite) __atomic_fetch_or(p.status, kStatusAggregateNonfinite, __ATOMIC_RELAXED);
 }
 
 // Both passes layer by layer, parallel over layers: the aggregation reads a layer's clients again
-// from this core's L2 (RoBERTa r = 16, N = 3: 256 KB with the reference) rather than from L3 or DRAM.
+// from this core's L2 (align_and_aggregate_layer) rather than from L3 or DRAM.
 // The same kernels produce every output element, so the result is that of the two-pass split.
 template <typename scalar_t, typename acc_t, int R>
 void layer_pass(const GroupParams& p) {
   at::parallel_for(0, p.num_layers, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> partial;
-    for (int64_t l = begin; l < end; ++l) {
-      rotate_clients<scalar_t, acc_t, R>(p, l * p.num_clients, (l + 1) * p.num_clients);
-      aggregate_layer<scalar_t, acc_t, R>(p, l, partial);
-    }
+    for (int64_t l = begin; l < end; ++l) align_and_aggregate_layer<scalar_t, acc_t, R>(p, l, partial);
   });
 }
 
