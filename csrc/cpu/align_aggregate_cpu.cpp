@@ -193,7 +193,7 @@ void covariance_t_transposed(const scalar_t* x, int64_t sx, const scalar_t* y, i
           V yv[JV];
 #pragma GCC unroll 4
           for (int u = 0; u < JV; ++u) yv[u] = load_lanes<V, acc_t, L>(&yt[t][k0 + u * L]);
-          with_neighbour(tb + t, T, [&](auto neighbour) {
+          with_neighbour<scalar_t>(tb + t, T, [&](auto neighbour) {
 #pragma GCC unroll 8
             for (int a = 0; a < JB; ++a) {
               const auto xa = broadcast_widened<V, scalar_t, L, decltype(neighbour)::value>(xr[a] + t);
@@ -466,7 +466,7 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
       V cv[JV];
 #pragma GCC unroll 8
       for (int u = 0; u < JV; ++u) cv[u] = load_lanes<V, acc_t, L>(C + k * R + u * L);
-      with_neighbour(k, n, [&](auto neighbour) {
+      with_neighbour<scalar_t>(k, n, [&](auto neighbour) {
 #pragma GCC unroll 32
         for (int b = 0; b < TB; ++b) {
           const auto xk = broadcast_widened<V, scalar_t, L, decltype(neighbour)::value>(x + b * stride_t + k);

@@ -128,10 +128,12 @@ inline auto broadcast_widened(const scalar_t* x) {
   }
 }
 
-// Calls f(std::integral_constant<Neighbour, ...>{}) with the neighbour element k of a row of n may read.
-template <typename F>
+// Calls f(std::integral_constant<Neighbour, ...>{}) with the neighbour element k of a row of n may
+// read. Only bf16 broadcasts read one: other types get one instantiation of f.
+template <typename scalar_t, typename F>
 inline void with_neighbour(int64_t k, int64_t n, F&& f) {
-  if (k + 1 < n) f(std::integral_constant<Neighbour, Neighbour::kNext>{});
+  if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) f(std::integral_constant<Neighbour, Neighbour::kAlone>{});
+  else if (k + 1 < n) f(std::integral_constant<Neighbour, Neighbour::kNext>{});
   else if (k > 0) f(std::integral_constant<Neighbour, Neighbour::kPrevious>{});
   else f(std::integral_constant<Neighbour, Neighbour::kAlone>{});
 }
