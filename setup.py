@@ -125,7 +125,8 @@ def _cpu_flags():
     if not set(avx512) <= flags:
         return ["-mavx2", "-mfma", "-mf16c"]
     bf16 = ["-mavx512bf16"] if "avx512_bf16" in flags else []  # bf16 dot products (csrc/cpu/simd.h: DotStep)
-    return ["-mavx2", "-mfma", "-mf16c"] + ["-m" + f for f in avx512] + bf16
+    amx = ["-mamx-tile", "-mamx-bf16"] if {"amx_tile", "amx_bf16"} <= flags else []  # csrc/cpu/amx.h
+    return ["-mavx2", "-mfma", "-mf16c"] + ["-m" + f for f in avx512] + bf16 + amx
 
 
 def _sources(with_cuda):

@@ -15,6 +15,7 @@
 #include "align_aggregate.h"
 #include "common/dispatch.h"
 #include "common/rotation_coefficients.h"
+#include "cpu/amx.h"
 #include "cpu/simd.h"
 
 namespace fedrot {
@@ -37,6 +38,37 @@ void load_block(const scalar_t* x, int64_t stride_t, int64_t stride_j, int64_t r
 template <typename acc_t, int R>
 const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
   return static_cast<const acc_t*>(p.coef) + (int64_t(layer) * p.num_clients + client) * R * R;
+}
+
+// Whether layers of bucket R in scalar_t have their coefficients as bf16 pairs, for the AMX B
+// aggregation (aggregate_rows_j_amx).
+template <typename scalar_t, int R>
+constexpr bool kCoefPairs = kAmxBuilt && std::is_same_v<scalar_t, c10::BFloat16> && R >= 16;
+
+// w_i R_i of one client of one layer as bf16 pairs along k for tile products, after all the R × R
+// coefficients of the group (p.coef holds twice their size then): word (k / 2, j) of the first
+// R/2 × R block holds hi = bf16(C[k][j]) in its low half and bf16(C[k + 1][j]) in its high half;
+// the second block the same for lo = bf16(C - hi). hi + lo is C to about 2^-17 of C.
+template <int R>
+uint32_t* client_coef_pairs(const GroupParams& p, int32_t layer, int64_t client) {
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(static_cast<float*>(p.coef) + int64_t(p.num_layers) * p.num_clients * R * R);
+  return pairs + (int64_t(layer) * p.num_clients + client) * R * R;
+}
+
+template <int R>
+void pack_coef_pairs(const float* C, uint32_t* pairs) {
+  for (int k = 0; k < R; k += 2)
+    for (int j = 0; j < R; ++j) {
+      uint32_t hi[2], lo[2];
+      for (int h = 0; h < 2; ++h) {
+        const float c = C[(k + h) * R + j];
+        const c10::BFloat16 high(c);
+        hi[h] = high.x;
+        lo[h] = c10::BFloat16(c - static_cast<float>(high)).x;
+      }
+      pairs[k / 2 * R + j] = hi[0] | hi[1] << 16;
+      pairs[R * R / 2 + k / 2 * R + j] = lo[0] | lo[1] << 16;
+    }
 }
 
 // The clients [begin, end) a kernel call sums. With partial set (the layer schedule, a few clients
@@ -354,6 +386,7 @@ void rotate_client(const GroupParams& p, int64_t li, acc_t* M, acc_t* Rot, Polar
     accumulate_covariance<scalar_t, acc_t, R>(v, i, p.layers[l].n, M);
   }
   rotation_from_covariance<acc_t, R>(p, li, M, Rot, scratch);
+  if constexpr (kCoefPairs<scalar_t, R>) pack_coef_pairs<R>(client_coef<acc_t, R>(p, l, i), client_coef_pairs<R>(p, l, i));
 }
 
 template <typename scalar_t, typename acc_t, int R>
@@ -499,6 +532,101 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
   finite = finite && lanes_all_zero<V, L>(check);
 }
 
+#if FEDROT_AMX
+// The largest even divisor of n up to 32: the values of k per tile product (K of one tile pair).
+inline int tile_depth(int n) {
+  for (int d = 32; d >= 2; d -= 2)
+    if (n % d == 0) return d;
+  return 0;
+}
+
+// bf16 B factors (j contiguous, even n) on AMX: blocks of 16 rows × 16 columns of out in tiles
+// 0..3 (up to 4 row blocks per coefficient load); per client and depth step, x rows in tile 4 and the
+// hi and lo coefficient pairs in tiles 5 and 6 (two products: C to 2^-17). Returns the rows done
+// (whole blocks of 16); the rest is for the AVX-512 tiles.
+template <int R>
+int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
+                             Clients<float> clients, bool& finite) {
+  using V = Simd<float, 64>::type;
+  const int depth = tile_depth(n);
+  if (!amx_usable() || depth == 0 || rows < 16) return 0;
+  TileConfig config;
+  for (int c = 0; c < 4; ++c) config.set(c, 16, 64);
+  config.set(4, 16, 2 * depth);
+  config.set(5, depth / 2, 64);
+  config.set(6, depth / 2, 64);
+  const TileScope scope(config);
+  const int64_t sx = v.stride_t * int64_t(sizeof(c10::BFloat16));
+  float* partial = clients.partial;
+  V check = {};
+  alignas(64) float block[16][16];
+  auto store_block = [&](int64_t t, int j0) {  // block: out rows t.., columns j0..
+    for (int b = 0; b < 16; ++b) {
+      c10::BFloat16* out = static_cast<c10::BFloat16*>(v.out) + (t + b) * v.out_stride_t + j0;
+      if (j0 + 16 <= n) {
+        store_lanes<V, c10::BFloat16, float, 16>(out, load_lanes<V, float, 16>(block[b]), check);
+        continue;
+      }
+      for (int j = 0; j < n - j0; ++j) {  // a rank below its bucket: the last columns one by one
+        out[j] = c10::BFloat16(block[b][j]);
+        finite = finite && fr_isfinite(static_cast<float>(out[j]));
+      }
+    }
+  };
+  int64_t done = 0;
+  while (done + 16 <= rows) {
+    const int blocks = int(std::min<int64_t>(4, (rows - done) / 16));
+    const int64_t t = t0 + done;
+    // BODY(c) for the row-block tiles c < blocks: GCC's _tile_ macros paste the tile number into the
+    // instruction, so it must be a literal.
+#define FR_ROW_TILES(BODY)    \
+  do {                        \
+    { BODY(0); }              \
+    if (blocks > 1) { BODY(1); } \
+    if (blocks > 2) { BODY(2); } \
+    if (blocks > 3) { BODY(3); } \
+  } while (0)
+#define FR_START(c)                                                                             \
+  if (partial && clients.begin > 0) {                                                           \
+    _tile_loadd(c, partial + (t + 16 * (c)) * R + j0, R * 4);                                   \
+  } else {                                                                                      \
+    _tile_zero(c);                                                                              \
+  }
+#define FR_PRODUCTS(c)                                             \
+  _tile_loadd(4, x + 16 * (c) * v.stride_t + k0, sx);              \
+  _tile_dpbf16ps(c, 4, 5);                                         \
+  _tile_dpbf16ps(c, 4, 6)
+#define FR_TO_PARTIAL(c) _tile_stored(c, partial + (t + 16 * (c)) * R + j0, R * 4)
+#define FR_TO_OUT(c)                         \
+  _tile_stored(c, &block[0][0], 64);         \
+  store_block(t + 16 * (c), j0)
+    for (int j0 = 0; j0 < n; j0 += 16) {
+      FR_ROW_TILES(FR_START);
+      for (int64_t i = clients.begin; i < clients.end; ++i) {
+        const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t * v.stride_t;
+        const uint32_t* pairs = client_coef_pairs<R>(p, v.layer, i) + j0;
+        for (int k0 = 0; k0 < n; k0 += depth) {
+          if (clients.prefetch) clients.prefetch->step();
+          _tile_loadd(5, pairs + k0 / 2 * R, R * 4);
+          _tile_loadd(6, pairs + R * R / 2 + k0 / 2 * R, R * 4);
+          FR_ROW_TILES(FR_PRODUCTS);
+        }
+      }
+      if (partial && clients.end < p.num_clients) FR_ROW_TILES(FR_TO_PARTIAL);  // partial is set when end < N
+      else FR_ROW_TILES(FR_TO_OUT);
+    }
+#undef FR_ROW_TILES
+#undef FR_START
+#undef FR_PRODUCTS
+#undef FR_TO_PARTIAL
+#undef FR_TO_OUT
+    done += 16 * blocks;
+  }
+  finite = finite && lanes_all_zero<V, 16>(check);
+  return done;
+}
+#endif
+
 // B factors: tiles of TB rows × JV vectors of j (about kTileAccumulators), then
 // tiles of 8 and single rows for the tail (a 64-row chunk is 24 + 24 + 8 + 8).
 template <typename scalar_t, typename acc_t, int R, int ST>
@@ -560,8 +688,12 @@ int64_t aggregate_tiles(const GroupParams& p, const FactorView& v, int n, int64_
   if (v.stride_t == 1 && v.out_stride_t == 1)
     return aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, clients, finite);
   if (!has_tile_layout(v)) return 0;
-  if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0, rows, clients, finite);
-  else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0, rows, clients, finite);
+  int64_t done = 0;
+#if FEDROT_AMX
+  if constexpr (kCoefPairs<scalar_t, R>) done = aggregate_rows_j_amx<R>(p, v, n, t0, rows, clients, finite);
+#endif
+  if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0 + done, rows - done, clients, finite);
+  else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0 + done, rows - done, clients, finite);
   return rows;
 }
 
@@ -696,7 +828,8 @@ bool layers_balance(const GroupParams& p) {
 void run_group_cpu(const GroupTables& t, GroupParams p, int bucket, const at::Tensor& first,
                    const at::Tensor& weights) {
   const int64_t R = bucket;
-  const at::Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R}, weights.options());
+  const bool pairs = kAmxBuilt && first.scalar_type() == at::kBFloat16 && R >= 16;  // kCoefPairs
+  const at::Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R * (pairs ? 2 : 1)}, weights.options());
   p.views = t.views.data();
   p.layers = t.layers.data();
   p.coef = coef.data_ptr();

@@ -121,6 +121,14 @@ struct DotStep<c10::BFloat16, Simd<float, 64>::type, 16> {
 };
 #endif
 
+// Whether bf16 products go through vdpbf16ps (AVX512-BF16, 16-float vectors): DotStep above, and
+// the B aggregation's coefficient pairs (align_aggregate_cpu.cpp: pack_coef_pairs).
+#if defined(__AVX512BF16__)
+constexpr bool kBf16DotProducts = true;
+#else
+constexpr bool kBf16DotProducts = false;
+#endif
+
 // Which neighbour of x[0] a broadcast may read: a bf16 value is broadcast as one 32-bit load of
 // itself and x[1] (kNext: a shift), or of x[-1] and itself (kPrevious: a mask), never past its row;
 // kAlone (a row of one value) widens it as a scalar. A scalar bf16 widening costs two port-5
