@@ -40,19 +40,20 @@ const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
   return static_cast<const acc_t*>(p.coef) + (int64_t(layer) * p.num_clients + client) * R * R;
 }
 
-// Whether layers of bucket R in scalar_t have their coefficients as bf16 pairs, for the AMX B
-// aggregation (aggregate_rows_j_amx).
+// Whether layers of bucket R in scalar_t have their coefficients as bf16 pairs, for the AMX
+// aggregations (aggregate_rows_t_amx, aggregate_rows_j_amx).
 template <typename scalar_t, int R>
 constexpr bool kCoefPairs = kAmxBuilt && std::is_same_v<scalar_t, c10::BFloat16> && R >= 16;
 
 // w_i R_i of one client of one layer as bf16 pairs along k for tile products, after all the R × R
-// coefficients of the group (p.coef holds twice their size then): word (k / 2, j) of the first
-// R/2 × R block holds hi = bf16(C[k][j]) in its low half and bf16(C[k + 1][j]) in its high half;
-// the second block the same for lo = bf16(C - hi). hi + lo is C to about 2^-17 of C.
+// coefficients of the group (p.coef holds three times their size then). Four R²/2-word blocks:
+// hi = bf16(C) and lo = bf16(C - hi) (hi + lo is C to about 2^-17 of C), each as word (k / 2, j)
+// holding C[k][j] in its low half and C[k + 1][j] in its high half (the B aggregation's tiles),
+// then both as word (j, k / 2), transposed (the A aggregation's).
 template <int R>
 uint32_t* client_coef_pairs(const GroupParams& p, int32_t layer, int64_t client) {
   uint32_t* pairs = reinterpret_cast<uint32_t*>(static_cast<float*>(p.coef) + int64_t(p.num_layers) * p.num_clients * R * R);
-  return pairs + (int64_t(layer) * p.num_clients + client) * R * R;
+  return pairs + (int64_t(layer) * p.num_clients + client) * 2 * R * R;
 }
 
 template <int R>
@@ -66,8 +67,11 @@ void pack_coef_pairs(const float* C, uint32_t* pairs) {
         hi[h] = high.x;
         lo[h] = c10::BFloat16(c - static_cast<float>(high)).x;
       }
-      pairs[k / 2 * R + j] = hi[0] | hi[1] << 16;
-      pairs[R * R / 2 + k / 2 * R + j] = lo[0] | lo[1] << 16;
+      const uint32_t high = hi[0] | hi[1] << 16, low = lo[0] | lo[1] << 16;
+      pairs[k / 2 * R + j] = high;
+      pairs[R * R / 2 + k / 2 * R + j] = low;
+      pairs[R * R + j * R / 2 + k / 2] = high;
+      pairs[R * R * 3 / 2 + j * R / 2 + k / 2] = low;
     }
 }
 
@@ -403,6 +407,103 @@ void rotations_pass(const GroupParams& p) {
                    [&](int64_t begin, int64_t end) { rotate_clients<scalar_t, acc_t, R>(p, begin, end); });
 }
 
+#if FEDROT_AMX
+// The largest even divisor of n up to 32: the values of k per tile product (K of one tile pair).
+inline int tile_depth(int n) {
+  for (int d = 32; d >= 2; d -= 2)
+    if (n % d == 0) return d;
+  return 0;
+}
+
+// bf16 A factors (t contiguous, even n) on AMX: out[j][t] in tiles 0..3 of 16 rows j × 16 columns t,
+// J = ceil(n / 16) blocks of j by 4 / J blocks of t (a unit of 64, 32 or 16 columns). Per client,
+// the unit's x rows are interleaved in pairs along k (words (x[k][t], x[k + 1][t]): the second
+// operand of a tile product), then per depth step and output tile: the transposed hi and lo
+// coefficient pairs in tiles 4 and 5, the x pairs in tile 6, two products. Returns the columns
+// done (whole units, so that every schedule gives a column the same kernel); the rest is for the
+// AVX-512 tiles.
+template <int R>
+int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
+                             Clients<float> clients, bool& finite) {
+  using V = Simd<float, 64>::type;
+  const int depth = tile_depth(n);
+  if (!amx_usable() || depth == 0) return 0;
+  const int j_blocks = (n + 15) / 16, t_blocks = 4 / j_blocks, tiles = j_blocks * t_blocks, unit = 16 * t_blocks;
+  if (rows < unit) return 0;
+  TileConfig config;
+  for (int c = 0; c < 4; ++c) config.set(c, 16, 64);
+  config.set(4, 16, 2 * depth);
+  config.set(5, 16, 2 * depth);
+  config.set(6, depth / 2, 64);
+  const TileScope scope(config);
+  float* partial = clients.partial;
+  const int64_t T = v.rows;
+  alignas(64) uint32_t xpairs[R / 2][64];  // words (k / 2, t) of one unit
+  alignas(64) float block[16][16];
+  using Words = Simd<int16_t, 64>::type;  // x[k][u], x[k + 1][u] to word u: index 2u is u of a, 2u + 1 is u of b
+  const Words interleave = lane_index<Words>([](int q) { return q % 2 ? 32 + q / 2 : q / 2; }, std::make_index_sequence<32>{});
+  V check = {};
+  auto store_block = [&](int j0, int64_t t) {  // block: out rows j0.., columns t..
+    for (int b = 0; b < 16 && j0 + b < n; ++b)
+      store_lanes<V, c10::BFloat16, float, 16>(static_cast<c10::BFloat16*>(v.out) + (j0 + b) * v.out_stride_j + t,
+                                               load_lanes<V, float, 16>(block[b]), check);
+  };
+  int64_t done = 0;
+  for (; done + unit <= rows; done += unit) {
+    const int64_t t = t0 + done;
+    // BODY(c) for the output tiles c < tiles (j block c / t_blocks, t block c % t_blocks): GCC's
+    // _tile_ macros paste the tile number into the instruction, so it must be a literal.
+#define FR_OUT_TILES(BODY)            \
+  do {                                \
+    { BODY(0); }                      \
+    if (tiles > 1) { BODY(1); }       \
+    if (tiles > 2) { BODY(2); }       \
+    if (tiles > 3) { BODY(3); }       \
+  } while (0)
+#define FR_PLACE(c) (c) / t_blocks * 16, t + (c) % t_blocks * 16
+#define FR_START(c)                                                                           \
+  if (partial && clients.begin > 0) {                                                         \
+    _tile_loadd(c, partial + (c) / t_blocks * 16 * T + t + (c) % t_blocks * 16, T * 4);       \
+  } else {                                                                                    \
+    _tile_zero(c);                                                                            \
+  }
+#define FR_PRODUCTS(c)                                                              \
+  _tile_loadd(4, pairs_t + (c) / t_blocks * 16 * R / 2 + k0 / 2, R * 2);            \
+  _tile_loadd(5, pairs_t + R * R / 2 + (c) / t_blocks * 16 * R / 2 + k0 / 2, R * 2); \
+  _tile_loadd(6, &xpairs[k0 / 2][(c) % t_blocks * 16], 256);                         \
+  _tile_dpbf16ps(c, 4, 6);                                                          \
+  _tile_dpbf16ps(c, 5, 6)
+#define FR_TO_PARTIAL(c) _tile_stored(c, partial + (c) / t_blocks * 16 * T + t + (c) % t_blocks * 16, T * 4)
+#define FR_TO_OUT(c)                 \
+  _tile_stored(c, &block[0][0], 64); \
+  store_block(FR_PLACE(c))
+    FR_OUT_TILES(FR_START);
+    for (int64_t i = clients.begin; i < clients.end; ++i) {
+      const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t;
+      for (int k = 0; k < n; k += 2)
+        for (int u = 0; u < unit; u += 16) {  // 16 values of rows k and k + 1, interleaved
+          if (clients.prefetch) clients.prefetch->step();
+          const __m512i a = _mm512_maskz_loadu_epi16(0xFFFF, x + k * v.stride_j + u);  // 16 values, no more
+          const __m512i b = _mm512_maskz_loadu_epi16(0xFFFF, x + (k + 1) * v.stride_j + u);
+          _mm512_storeu_si512(&xpairs[k / 2][u], _mm512_permutex2var_epi16(a, (__m512i)interleave, b));
+        }
+      const uint32_t* pairs_t = client_coef_pairs<R>(p, v.layer, i) + R * R;
+      for (int k0 = 0; k0 < n; k0 += depth) FR_OUT_TILES(FR_PRODUCTS);
+    }
+    if (partial && clients.end < p.num_clients) FR_OUT_TILES(FR_TO_PARTIAL);  // partial is set when end < N
+    else FR_OUT_TILES(FR_TO_OUT);
+#undef FR_OUT_TILES
+#undef FR_PLACE
+#undef FR_START
+#undef FR_PRODUCTS
+#undef FR_TO_PARTIAL
+#undef FR_TO_OUT
+  }
+  finite = finite && lanes_all_zero<V, 16>(check);
+  return done;
+}
+#endif
+
 // A factors (t contiguous in input and output): out[j][t] = Σ_i Σ_k C_i[k][j] x_i[k][t],
 // one small GEMM per client summed in registers. Register tile: JB rows of out ×
 // U vectors of t, accumulated over all clients and k (U loads + JB broadcasts per
@@ -533,13 +634,6 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
 }
 
 #if FEDROT_AMX
-// The largest even divisor of n up to 32: the values of k per tile product (K of one tile pair).
-inline int tile_depth(int n) {
-  for (int d = 32; d >= 2; d -= 2)
-    if (n % d == 0) return d;
-  return 0;
-}
-
 // bf16 B factors (j contiguous, even n) on AMX: blocks of 16 rows × 16 columns of out in tiles
 // 0..3 (up to 4 row blocks per coefficient load); per client and depth step, x rows in tile 4 and the
 // hi and lo coefficient pairs in tiles 5 and 6 (two products: C to 2^-17). Returns the rows done
@@ -685,8 +779,13 @@ inline bool has_tile_layout(const FactorView& v) {
 template <typename scalar_t, typename acc_t, int R>
 int64_t aggregate_tiles(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
                         Clients<acc_t> clients, bool& finite) {
-  if (v.stride_t == 1 && v.out_stride_t == 1)
-    return aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0, rows, clients, finite);
+  if (v.stride_t == 1 && v.out_stride_t == 1) {
+    int64_t done = 0;
+#if FEDROT_AMX
+    if constexpr (kCoefPairs<scalar_t, R>) done = aggregate_rows_t_amx<R>(p, v, n, t0, rows, clients, finite);
+#endif
+    return done + aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0 + done, rows - done, clients, finite);
+  }
   if (!has_tile_layout(v)) return 0;
   int64_t done = 0;
 #if FEDROT_AMX
@@ -829,7 +928,7 @@ void run_group_cpu(const GroupTables& t, GroupParams p, int bucket, const at::Te
                    const at::Tensor& weights) {
   const int64_t R = bucket;
   const bool pairs = kAmxBuilt && first.scalar_type() == at::kBFloat16 && R >= 16;  // kCoefPairs
-  const at::Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R * (pairs ? 2 : 1)}, weights.options());
+  const at::Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R * (pairs ? 3 : 1)}, weights.options());
   p.views = t.views.data();
   p.layers = t.layers.data();
   p.coef = coef.data_ptr();

@@ -121,14 +121,6 @@ struct DotStep<c10::BFloat16, Simd<float, 64>::type, 16> {
 };
 #endif
 
-// Whether bf16 products go through vdpbf16ps (AVX512-BF16, 16-float vectors): DotStep above, and
-// the B aggregation's coefficient pairs (align_aggregate_cpu.cpp: pack_coef_pairs).
-#if defined(__AVX512BF16__)
-constexpr bool kBf16DotProducts = true;
-#else
-constexpr bool kBf16DotProducts = false;
-#endif
-
 // Which neighbour of x[0] a broadcast may read: a bf16 value is broadcast as one 32-bit load of
 // itself and x[1] (kNext: a shift), or of x[-1] and itself (kPrevious: a mask), never past its row;
 // kAlone (a row of one value) widens it as a scalar. A scalar bf16 widening costs two port-5
@@ -201,10 +193,11 @@ inline void store_lanes(scalar_t* out, const V v, V& check) {
 template <typename V>
 using LaneIndex = typename Simd<std::conditional_t<sizeof(V{}[0]) == 8, int64_t, int32_t>, int(sizeof(V))>::type;
 
-// The shuffle index vector {index(0), ..., index(L - 1)}: a constant when index is constexpr.
-template <typename V, typename F, std::size_t... q>
-inline LaneIndex<V> lane_index(F index, std::index_sequence<q...>) {
-  return LaneIndex<V>{index(int(q))...};
+// The index vector I {index(0), index(1), ...}: a constant when index is constexpr.
+template <typename I, typename F, std::size_t... q>
+inline I lane_index(F index, std::index_sequence<q...>) {
+  using E = std::remove_cv_t<std::remove_reference_t<decltype(I{}[0])>>;
+  return I{E(index(int(q)))...};
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -213,8 +206,8 @@ inline LaneIndex<V> lane_index(F index, std::index_sequence<q...>) {
 // the index vectors are compile-time constants (as loop variables, GCC built them lane by lane).
 template <typename V, int L, int S>
 inline void transpose_stage(V* v) {
-  const LaneIndex<V> lo = lane_index<V>([](int q) { return (q & S) ? L + q - S : q; }, std::make_index_sequence<L>{});
-  const LaneIndex<V> hi = lane_index<V>([](int q) { return (q & S) ? L + q : q + S; }, std::make_index_sequence<L>{});
+  const LaneIndex<V> lo = lane_index<LaneIndex<V>>([](int q) { return (q & S) ? L + q - S : q; }, std::make_index_sequence<L>{});
+  const LaneIndex<V> hi = lane_index<LaneIndex<V>>([](int q) { return (q & S) ? L + q : q + S; }, std::make_index_sequence<L>{});
   for (int q = 0; q < L; ++q)
     if (!(q & S)) {
       const V a = v[q], b = v[q | S];
@@ -228,8 +221,8 @@ inline void transpose_stage(V* v) {
 // partial sums of a pair (two shuffles and one add), then the next stage.
 template <typename V, int L, int S>
 inline void sum_lanes_stage(V* sums) {
-  const LaneIndex<V> lo = lane_index<V>([](int q) { return q / S * 2 * S + q % S; }, std::make_index_sequence<L>{});
-  const LaneIndex<V> hi = lane_index<V>([](int q) { return q / S * 2 * S + q % S + S; }, std::make_index_sequence<L>{});
+  const LaneIndex<V> lo = lane_index<LaneIndex<V>>([](int q) { return q / S * 2 * S + q % S; }, std::make_index_sequence<L>{});
+  const LaneIndex<V> hi = lane_index<LaneIndex<V>>([](int q) { return q / S * 2 * S + q % S + S; }, std::make_index_sequence<L>{});
   for (int q = 0; q < S; ++q)
     sums[q] = __builtin_shuffle(sums[2 * q], sums[2 * q + 1], lo) + __builtin_shuffle(sums[2 * q], sums[2 * q + 1], hi);
   if constexpr (S > 1) sum_lanes_stage<V, L, S / 2>(sums);
