@@ -256,17 +256,27 @@ def test_cpu_layer_by_layer_and_two_pass_schedules_agree_bitwise():
     assert max(rel_err(x, y) for x, y in zip(tensors(want), tensors(runs[0]))) < 1e-5, f"seed={p.seed}"
 
 
+# Four layers of one rank bucket, each with clients above any L2 budget and as many row chunks as the
+# others (so that 1 thread takes the layer schedule): ranks 16 and 13 (bucket 16),
+# and 64 and 48 (bucket 64: three 16-row blocks of j per AMX tile unit).
+CLIENT_AT_A_TIME_SHAPES = {
+    "r16": [(16, 8200, 8195), (13, 8195, 8200), (16, 8200, 8200), (16, 8201, 8199)],
+    "r64": [(64, 2050, 2049), (48, 2049, 2050), (64, 2050, 2050), (64, 2051, 2049)],
+}
+
+
+@pytest.mark.parametrize("ranks", sorted(CLIENT_AT_A_TIME_SHAPES))
 @pytest.mark.parametrize("align", ["A", "B", "AB"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_client_at_a_time_aggregation_agrees_bitwise(dtype, align):
+def test_cpu_client_at_a_time_aggregation_agrees_bitwise(dtype, align, ranks):
     """A layer whose clients exceed half of L2 (8 clients of ~8.4 MB here, above any L2 budget) is
     aggregated one client at a time, the accumulators kept between clients: with 1 thread these 4
     layers take the layer-by-layer schedule and that path; with 2 threads the two-pass schedule sums
-    all clients in one go. Same FMAs in the same order: bitwise equal. Ranks 16 and 13, in/out not
-    multiples of the tiles, and a strided A (layer 2, by row chunks in both) are covered. Each align
-    mode, since it sets which view goes first and what the kernels prefetch meanwhile."""
-    shapes = [(16, 8200, 8195), (13, 8195, 8200), (16, 8200, 8200), (16, 8201, 8199)]
-    p = make_problem(shapes, n_clients=8, dtype=dtype, seed=23, rotations="small")
+    all clients in one go. Same FMAs (or, bf16 on AMX, tile products) in the same order: bitwise
+    equal. Odd ranks, in/out not multiples of the tiles, and a strided A (layer 2, by row chunks in
+    both) are covered. Each align mode, since it sets which view goes first and what the kernels
+    prefetch meanwhile."""
+    p = make_problem(CLIENT_AT_A_TIME_SHAPES[ranks], n_clients=8, dtype=dtype, seed=23, rotations="small")
     A = [p.A[l].transpose(1, 2).contiguous().transpose(1, 2) if l == 2 else p.A[l] for l in range(4)]
     kw = dict(ref_A=p.ref_A, ref_B=p.ref_B, weights=p.weights, align=align, lam=0.5)
     threads = torch.get_num_threads()
@@ -278,7 +288,7 @@ def test_cpu_client_at_a_time_aggregation_agrees_bitwise(dtype, align):
     finally:
         torch.set_num_threads(threads)
     for i, (x, y) in enumerate(zip(runs[0].A + runs[0].B, runs[1].A + runs[1].B)):
-        assert torch.equal(x, y), f"output {i} ({dtype}, align {align}) differs between the schedules, seed={p.seed}"
+        assert torch.equal(x, y), f"output {i} ({dtype}, align {align}, {ranks}) differs between the schedules, seed={p.seed}"
     want = reference.align_and_aggregate(p.A, p.B, **kw)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert max(rel_err(x, y) for x, y in zip(runs[0].A + runs[0].B, want.A + want.B)) < tol, f"seed={p.seed}"
