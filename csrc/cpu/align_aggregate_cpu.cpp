@@ -451,15 +451,7 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
   int64_t done = 0;
   for (; done + unit <= rows; done += unit) {
     const int64_t t = t0 + done;
-    // BODY(c) for the output tiles c < tiles (j block c / t_blocks, t block c % t_blocks): GCC's
-    // _tile_ macros paste the tile number into the instruction, so it must be a literal.
-#define FR_OUT_TILES(BODY)            \
-  do {                                \
-    { BODY(0); }                      \
-    if (tiles > 1) { BODY(1); }       \
-    if (tiles > 2) { BODY(2); }       \
-    if (tiles > 3) { BODY(3); }       \
-  } while (0)
+    // Output tile c holds j block c / t_blocks, t block c % t_blocks.
 #define FR_PLACE(c) (c) / t_blocks * 16, t + (c) % t_blocks * 16
 #define FR_START(c)                                                                           \
   if (partial && clients.begin > 0) {                                                         \
@@ -477,7 +469,7 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
 #define FR_TO_OUT(c)                 \
   _tile_stored(c, &block[0][0], 64); \
   store_block(FR_PLACE(c))
-    FR_OUT_TILES(FR_START);
+    FR_FOR_TILES(tiles, FR_START);
     for (int64_t i = clients.begin; i < clients.end; ++i) {
       const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t;
       for (int k = 0; k < n; k += 2)
@@ -488,11 +480,10 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
           _mm512_storeu_si512(&xpairs[k / 2][u], _mm512_permutex2var_epi16(a, (__m512i)interleave, b));
         }
       const uint32_t* pairs_t = client_coef_pairs<R>(p, v.layer, i) + R * R;
-      for (int k0 = 0; k0 < n; k0 += depth) FR_OUT_TILES(FR_PRODUCTS);
+      for (int k0 = 0; k0 < n; k0 += depth) FR_FOR_TILES(tiles, FR_PRODUCTS);
     }
-    if (partial && clients.end < p.num_clients) FR_OUT_TILES(FR_TO_PARTIAL);  // partial is set when end < N
-    else FR_OUT_TILES(FR_TO_OUT);
-#undef FR_OUT_TILES
+    if (partial && clients.end < p.num_clients) FR_FOR_TILES(tiles, FR_TO_PARTIAL);  // partial is set when end < N
+    else FR_FOR_TILES(tiles, FR_TO_OUT);
 #undef FR_PLACE
 #undef FR_START
 #undef FR_PRODUCTS
@@ -671,15 +662,6 @@ int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, i
   while (done + 16 <= rows) {
     const int blocks = int(std::min<int64_t>(4, (rows - done) / 16));
     const int64_t t = t0 + done;
-    // BODY(c) for the row-block tiles c < blocks: GCC's _tile_ macros paste the tile number into the
-    // instruction, so it must be a literal.
-#define FR_ROW_TILES(BODY)    \
-  do {                        \
-    { BODY(0); }              \
-    if (blocks > 1) { BODY(1); } \
-    if (blocks > 2) { BODY(2); } \
-    if (blocks > 3) { BODY(3); } \
-  } while (0)
 #define FR_START(c)                                                                             \
   if (partial && clients.begin > 0) {                                                           \
     _tile_loadd(c, partial + (t + 16 * (c)) * R + j0, R * 4);                                   \
@@ -695,7 +677,7 @@ int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, i
   _tile_stored(c, &block[0][0], 64);         \
   store_block(t + 16 * (c), j0)
     for (int j0 = 0; j0 < n; j0 += 16) {
-      FR_ROW_TILES(FR_START);
+      FR_FOR_TILES(blocks, FR_START);
       for (int64_t i = clients.begin; i < clients.end; ++i) {
         const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t * v.stride_t;
         const uint32_t* pairs = client_coef_pairs<R>(p, v.layer, i) + j0;
@@ -703,13 +685,12 @@ int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, i
           if (clients.prefetch) clients.prefetch->step();
           _tile_loadd(5, pairs + k0 / 2 * R, R * 4);
           _tile_loadd(6, pairs + R * R / 2 + k0 / 2 * R, R * 4);
-          FR_ROW_TILES(FR_PRODUCTS);
+          FR_FOR_TILES(blocks, FR_PRODUCTS);
         }
       }
-      if (partial && clients.end < p.num_clients) FR_ROW_TILES(FR_TO_PARTIAL);  // partial is set when end < N
-      else FR_ROW_TILES(FR_TO_OUT);
+      if (partial && clients.end < p.num_clients) FR_FOR_TILES(blocks, FR_TO_PARTIAL);  // partial is set when end < N
+      else FR_FOR_TILES(blocks, FR_TO_OUT);
     }
-#undef FR_ROW_TILES
 #undef FR_START
 #undef FR_PRODUCTS
 #undef FR_TO_PARTIAL

@@ -45,6 +45,16 @@ class TileScope {
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
 };
+
+// BODY(c) for the tiles c < count (at most 4): GCC's _tile_ macros paste the tile number into the
+// instruction, so it must be a literal.
+#define FR_FOR_TILES(count, BODY)    \
+  do {                               \
+    { BODY(0); }                     \
+    if ((count) > 1) { BODY(1); }    \
+    if ((count) > 2) { BODY(2); }    \
+    if ((count) > 3) { BODY(3); }    \
+  } while (0)
 #else
 constexpr bool kAmxBuilt = false;
 inline bool amx_usable() { return false; }
