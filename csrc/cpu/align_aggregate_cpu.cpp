@@ -63,9 +63,9 @@ void pack_coef_pairs(const float* C, uint32_t* pairs) {
       uint32_t hi[2], lo[2];
       for (int h = 0; h < 2; ++h) {
         const float c = C[(k + h) * R + j];
-        const c10::BFloat16 high(c);
-        hi[h] = high.x;
-        lo[h] = c10::BFloat16(c - static_cast<float>(high)).x;
+        const c10::BFloat16 rounded(c);
+        hi[h] = rounded.x;
+        lo[h] = c10::BFloat16(c - static_cast<float>(rounded)).x;
       }
       const uint32_t high = hi[0] | hi[1] << 16, low = lo[0] | lo[1] << 16;
       pairs[k / 2 * R + j] = high;
@@ -75,11 +75,6 @@ void pack_coef_pairs(const float* C, uint32_t* pairs) {
     }
 }
 
-// The clients [begin, end) a kernel call sums. With partial set (the layer schedule, a few clients
-// a pass), the accumulators start from `partial` unless begin = 0 and go back to it unless end = N:
-// the FMAs of every output element are those of one call over all clients, in the same order, so
-// the result is bitwise the same; a pass then streams a few clients' rows instead of N·n interleaved
-// ones, which the hardware prefetcher follows.
 // Byte ranges the tile kernels pull into L2 while they compute, a line per step of their inner loop:
 // in the client-at-a-time schedule, the factors read next, so that their DRAM reads overlap FMAs on
 // factors already in L2 instead of following them.
@@ -109,6 +104,11 @@ class Prefetcher {
   const char *next_ = nullptr, *end_ = nullptr;
 };
 
+// The clients [begin, end) a kernel call sums. With partial set (the layer schedule, a few clients
+// a pass), the accumulators start from `partial` unless begin = 0 and go back to it unless end = N:
+// the FMAs of every output element are those of one call over all clients, in the same order, so
+// the result is bitwise the same; a pass then streams a few clients' rows instead of N·n interleaved
+// ones, which the hardware prefetcher follows.
 template <typename acc_t>
 struct Clients {
   int64_t begin, end;
