@@ -5,7 +5,7 @@ Environment:
   FEDROT_FORCE_CPU=1     build the CPU path only, even with a CUDA toolkit.
   CUDA_HOME              toolkit root; found next to nvcc when unset.
   TORCH_CUDA_ARCH_LIST   GPU architectures; "8.0;9.0" when no GPU is visible.
-  FEDROT_CPU_FLAGS       extra host flags; default -mavx2 -mfma -mf16c (and AVX-512 F/VL/BW/DQ, and BF16) where
+  FEDROT_CPU_FLAGS       extra host flags; default -mavx2 -mfma -mf16c (and AVX-512 F/VL/BW/DQ, and AMX-BF16) where
                          the build machine has them (the build targets the machine it runs on).
 Build isolation (plain `pip install .`) works when pip's build torch equals the
 environment's torch; otherwise the build stops with a message naming both (see
@@ -124,9 +124,8 @@ def _cpu_flags():
     avx512 = ["avx512f", "avx512vl", "avx512bw", "avx512dq"]  # 32 vector registers and 16-float vectors
     if not set(avx512) <= flags:
         return ["-mavx2", "-mfma", "-mf16c"]
-    bf16 = ["-mavx512bf16"] if "avx512_bf16" in flags else []  # bf16 dot products (csrc/cpu/simd.h: DotStep)
     amx = ["-mamx-tile", "-mamx-bf16"] if {"amx_tile", "amx_bf16"} <= flags else []  # csrc/cpu/amx.h
-    return ["-mavx2", "-mfma", "-mf16c"] + ["-m" + f for f in avx512] + bf16 + amx
+    return ["-mavx2", "-mfma", "-mf16c"] + ["-m" + f for f in avx512] + amx
 
 
 def _sources(with_cuda):

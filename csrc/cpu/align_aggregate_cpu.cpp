@@ -135,11 +135,9 @@ void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
   using S = Simd<acc_t, kVectorBytes>;
   using V = typename S::type;
   constexpr int L = S::lanes, JB = 4, NB = R / JB;
-  using Dot = DotStep<scalar_t, V, L>;
-  constexpr int kStep = Dot::kStep;
   static_assert(JB * JB % L == 0, "a block's accumulators reduce L at a time");
   alignas(64) acc_t part[NB * NB][JB * JB] = {};
-  const int64_t T_vec = T - T % kStep;
+  const int64_t T_vec = T - T % L;
   for (int64_t tb = 0; tb < T_vec; tb += kCovarianceBlock) {
     const int64_t te = std::min(T_vec, tb + kCovarianceBlock);
     for (int j0 = 0; j0 < n; j0 += JB)
@@ -154,18 +152,18 @@ void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
         const bool last_row = j0 + JB >= n;
         const scalar_t* next = x + ((last_row ? 0 : j0 + JB) + k0 / JB % JB) * sx + (last_row ? te - tb : 0);
         V acc[JB * JB] = {};
-        for (int64_t t = tb; t < te; t += kStep) {
+        for (int64_t t = tb; t < te; t += L) {
           __builtin_prefetch(next + t, 0, 3);
-          typename Dot::In xv[JB], yv[JB];
+          V xv[JB], yv[JB];
 #pragma GCC unroll 4
           for (int b = 0; b < JB; ++b) {
-            xv[b] = Dot::load(xr[b] + t);
-            yv[b] = Dot::load(yr[b] + t);
+            xv[b] = load_lanes_widened<V, scalar_t, L>(xr[b] + t);
+            yv[b] = load_lanes_widened<V, scalar_t, L>(yr[b] + t);
           }
 #pragma GCC unroll 4
           for (int a = 0; a < JB; ++a)
 #pragma GCC unroll 4
-            for (int b = 0; b < JB; ++b) Dot::accumulate(acc[a * JB + b], xv[a], yv[b]);
+            for (int b = 0; b < JB; ++b) acc[a * JB + b] += xv[a] * yv[b];
         }
         acc_t* sums = part[j0 / JB * NB + k0 / JB];
         for (int g = 0; g < JB * JB; g += L)

@@ -98,29 +98,6 @@ inline V load_lanes_widened(const scalar_t* x) {
   else return load_lanes<V, scalar_t, L>(x);
 }
 
-// One step of a dot product along contiguous rows: kStep values of x and y per vector (In), their
-// products added to the lanes of acc. Widened loads and FMAs in general; for bf16 with AVX512-BF16,
-// vdpbf16ps multiplies 32 bf16 pairs per instruction with no widening (the products are exact in
-// fp32, as with FMAs, but subnormal inputs and results count as zero: values below ~1e-19 squared).
-template <typename scalar_t, typename V, int L>
-struct DotStep {
-  static constexpr int kStep = L;
-  using In = V;
-  static In load(const scalar_t* x) { return load_lanes_widened<V, scalar_t, L>(x); }
-  static void accumulate(V& acc, const In a, const In b) { acc += a * b; }
-};
-
-#if defined(__AVX512BF16__)
-template <>
-struct DotStep<c10::BFloat16, Simd<float, 64>::type, 16> {
-  using V = Simd<float, 64>::type;
-  static constexpr int kStep = 32;  // two bf16 per fp32 lane
-  using In = __m512bh;
-  static In load(const c10::BFloat16* x) { return (__m512bh)_mm512_loadu_si512(x); }
-  static void accumulate(V& acc, const In a, const In b) { acc = (V)_mm512_dpbf16_ps((__m512)acc, a, b); }
-};
-#endif
-
 // Which neighbour of x[0] a broadcast may read: a bf16 value is broadcast as one 32-bit load of
 // itself and x[1] (kNext: a shift), or of x[-1] and itself (kPrevious: a mask), never past its row;
 // kAlone (a row of one value) widens it as a scalar. A scalar bf16 widening costs two port-5
