@@ -276,41 +276,56 @@ void covariance_t_transposed(const scalar_t* x, int64_t sx, const scalar_t* y, i
 }
 
 // B factors (j contiguous) at full rank n = R: M[j][k] = Σ_t x[t][j] y[t][k],
-// tiles of JB rows × JV vectors of M (kTileAccumulators) over one cache block of t,
-// x and y read in place. The last row tile (holding row R - 1) is its own
-// instantiation, so that which neighbour each broadcast reads is known at compile time.
+// tiles of JB rows × JV vectors of M (kTileAccumulators) over one cache block of t.
+// fp32 is read in place; narrow types are widened once per cache block into stack
+// buffers (≤ 2 · 512 · R · 4 bytes, in L2): in place, each x[t][j] broadcast would
+// cost a shift beside its FMAs, and each y row would be widened R / JB times.
 template <typename scalar_t, typename acc_t, int R>
 void covariance_j_contiguous_full(const scalar_t* x, int64_t sx, const scalar_t* y, int64_t sy, int64_t T, acc_t* M) {
   using S = RowSimd<acc_t, R>;
   using V = typename S::type;
   constexpr int L = S::lanes, U = R / L, JV = U < 4 ? U : 4, JB = kTileAccumulators / JV < R ? kTileAccumulators / JV : R;
-  constexpr int kLastTile = (R - 1) / JB * JB;
-  auto tile = [&](auto last_tile, int j0, int k0, int64_t tb, int64_t te) {
-    if constexpr (decltype(last_tile)::value) j0 = kLastTile;
-    V acc[JB][JV] = {};
-    for (int64_t t = tb; t < te; ++t) {
-      V yv[JV];
-      for (int u = 0; u < JV; ++u) yv[u] = load_lanes_widened<V, scalar_t, L>(y + t * sy + k0 + u * L);
-      for (int a = 0; a < JB; ++a) {
-        const int j = j0 + a;
-        const scalar_t* xj = x + t * sx + j;
-        decltype(broadcast_widened<V, scalar_t, L, Neighbour::kNext>(xj)) xa = {};  // rows past R add nothing
-        if (!decltype(last_tile)::value || j + 1 < R) xa = broadcast_widened<V, scalar_t, L, Neighbour::kNext>(xj);
-        else if (j < R) xa = broadcast_widened<V, scalar_t, L, Neighbour::kPrevious>(xj);
-        for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
+  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+  constexpr int64_t kWidened = kWiden ? kCovarianceBlock : 1;
+  alignas(64) acc_t xwide[kWidened][kWiden ? R : 1];
+  alignas(64) acc_t ywide[kWidened][kWiden ? R : 1];
+  constexpr int kLastRows = R % JB == 0 ? JB : R % JB;  // rows of the last row tile
+  // M's tiles over rows [0, len) of xb and yb (acc_t, row strides sxb and syb); the rows of a tile
+  // are a compile-time constant, so that its loops unroll.
+  const auto tiles = [&](const acc_t* xb, int64_t sxb, const acc_t* yb, int64_t syb, int64_t len) {
+    const auto tile = [&](auto rows, int j0, int k0) {
+      constexpr int JR = decltype(rows)::value;
+      V acc[JR][JV] = {};
+      for (int64_t t = 0; t < len; ++t) {
+        V yv[JV];
+        for (int u = 0; u < JV; ++u) yv[u] = load_lanes<V, acc_t, L>(yb + t * syb + k0 + u * L);
+        for (int a = 0; a < JR; ++a) {
+          const acc_t xa = xb[t * sxb + j0 + a];
+          for (int u = 0; u < JV; ++u) acc[a][u] += xa * yv[u];
+        }
       }
-    }
-    for (int a = 0; a < JB && j0 + a < R; ++a)
-      for (int u = 0; u < JV; ++u)
-        for (int q = 0; q < L; ++q) M[(j0 + a) * R + k0 + u * L + q] += acc[a][u][q];
-  };
-  for (int64_t tb = 0; tb < T; tb += kCovarianceBlock) {
-    const int64_t te = std::min(T, tb + kCovarianceBlock);
+      for (int a = 0; a < JR; ++a)
+        for (int u = 0; u < JV; ++u)
+          for (int q = 0; q < L; ++q) M[(j0 + a) * R + k0 + u * L + q] += acc[a][u][q];
+    };
     for (int j0 = 0; j0 < R; j0 += JB)
       for (int k0 = 0; k0 < R; k0 += JV * L) {
-        if (j0 == kLastTile) tile(std::true_type{}, j0, k0, tb, te);
-        else tile(std::false_type{}, j0, k0, tb, te);
+        if (j0 + JB <= R) tile(std::integral_constant<int, JB>{}, j0, k0);
+        else tile(std::integral_constant<int, kLastRows>{}, j0, k0);
       }
+  };
+  for (int64_t tb = 0; tb < T; tb += kCovarianceBlock) {
+    const int64_t len = std::min(T, tb + kCovarianceBlock) - tb;
+    if constexpr (kWiden) {
+      for (int64_t t = 0; t < len; ++t)
+        for (int u = 0; u < U; ++u) {
+          store_vector<V>(xwide[t] + u * L, load_lanes_widened<V, scalar_t, L>(x + (tb + t) * sx + u * L));
+          store_vector<V>(ywide[t] + u * L, load_lanes_widened<V, scalar_t, L>(y + (tb + t) * sy + u * L));
+        }
+      tiles(xwide[0], R, ywide[0], R, len);
+    } else {
+      tiles(x + tb * sx, sx, y + tb * sy, sy, len);
+    }
   }
 }
 
