@@ -49,7 +49,8 @@ constexpr bool kCoefPairs = kAmxBuilt && std::is_same_v<scalar_t, c10::BFloat16>
 // coefficients of the group (p.coef holds three times their size then). Four R²/2-word blocks:
 // hi = bf16(C) and lo = bf16(C - hi) (hi + lo is C to about 2^-17 of C), each as word (k / 2, j)
 // holding C[k][j] in its low half and C[k + 1][j] in its high half (the B aggregation's tiles),
-// then both as word (j, k / 2), transposed (the A aggregation's).
+// then both transposed, row j holding hi words k / 2 then lo words k / 2 (the A aggregation's: at
+// R = 16 a row is one 64-byte tile row, so that one product takes hi and lo together).
 template <int R>
 uint32_t* client_coef_pairs(const GroupParams& p, int32_t layer, int64_t client) {
   uint32_t* pairs = reinterpret_cast<uint32_t*>(static_cast<float*>(p.coef) + int64_t(p.num_layers) * p.num_clients * R * R);
@@ -70,8 +71,8 @@ void pack_coef_pairs(const float* C, uint32_t* pairs) {
       const uint32_t high = hi[0] | hi[1] << 16, low = lo[0] | lo[1] << 16;
       pairs[k / 2 * R + j] = high;
       pairs[R * R / 2 + k / 2 * R + j] = low;
-      pairs[R * R + j * R / 2 + k / 2] = high;
-      pairs[R * R * 3 / 2 + j * R / 2 + k / 2] = low;
+      pairs[R * R + j * R + k / 2] = high;
+      pairs[R * R + j * R + R / 2 + k / 2] = low;
     }
 }
 
@@ -454,9 +455,11 @@ inline int tile_depth(int n) {
 // J = ceil(n / 16) blocks of j by 4 / J blocks of t (a unit of 64, 32 or 16 columns). Per client,
 // the unit's x rows are interleaved in pairs along k (words (x[k][t], x[k + 1][t]): the second
 // operand of a tile product), then per depth step and output tile: the transposed hi and lo
-// coefficient pairs in tiles 4 and 5, the x pairs in tile 6, two products. Returns the columns
-// done (whole units, so that every schedule gives a column the same kernel); the rest is for the
-// AVX-512 tiles.
+// coefficient pairs in tiles 4 and 5, the x pairs in tile 6 or 7, two products. At R = 16, hi and
+// lo fill one tile row (K = 32): one coefficient tile holds both and the x tile the pairs twice, so
+// one product per client and output tile (half the products, none waiting on another). Returns the
+// columns done (whole units, so that every schedule gives a column the same kernel); the rest is for
+// the AVX-512 tiles.
 template <int R>
 int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
                              Clients<float> clients, bool& finite) {
@@ -465,15 +468,23 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
   if (!amx_usable() || depth == 0) return 0;
   const int j_blocks = (n + 15) / 16, t_blocks = 4 / j_blocks, tiles = j_blocks * t_blocks, unit = 16 * t_blocks;
   if (rows < unit) return 0;
+  constexpr bool kFused = R == 16;  // hi and lo words of a coefficient row in one tile row
+  constexpr int kPairRows = kFused ? R : R / 2;
   TileConfig config;
   for (int c = 0; c < 4; ++c) config.set(c, 16, 64);
-  config.set(4, 16, 2 * depth);
-  config.set(5, 16, 2 * depth);
-  config.set(6, depth / 2, 64);
+  config.set(4, 16, kFused ? 64 : 2 * depth);
+  config.set(5, 16, kFused ? 64 : 2 * depth);
+  config.set(6, kFused ? kPairRows : depth / 2, 64);
+  config.set(7, kFused ? kPairRows : depth / 2, 64);
   const TileScope scope(config);
   float* partial = clients.partial;
   const int64_t T = v.rows;
-  alignas(64) uint32_t xpairs[R / 2][64];  // words (k / 2, t) of one unit
+  // Words (k / 2, t) of one unit of a client (kFused: again from row R / 2; the rows of k >= n stay
+  // zero), three buffers: client i + 2 is interleaved after client i's tile products are issued, so
+  // that the two overlap, and no tile load reads words stored just before it (it would wait for the
+  // stores to retire).
+  alignas(64) uint32_t xpairs[3][kPairRows][64];
+  if constexpr (kFused) std::memset(xpairs, 0, sizeof xpairs);
   alignas(64) float block[16][16];
   using Words = Simd<int16_t, 64>::type;  // x[k][u], x[k + 1][u] to word u: index 2u is u of a, 2u + 1 is u of b
   const Words interleave = lane_index<Words>([](int q) { return q % 2 ? 32 + q / 2 : q / 2; }, std::make_index_sequence<32>{});
@@ -483,10 +494,28 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
       store_lanes<V, c10::BFloat16, float, 16>(static_cast<c10::BFloat16*>(v.out) + (j0 + b) * v.out_stride_j + t,
                                                load_lanes<V, float, 16>(block[b]), check);
   };
+  // Client i's unit at column t into xpairs[i % 3], prefetching its next unit.
+  auto interleave_client = [&](int64_t i, int64_t t) {
+    const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t;
+    for (int k = 0; k < n; k += 2)
+      for (int u = 0; u < unit; u += 16) {  // 16 values of rows k and k + 1, interleaved
+        if (clients.prefetch) clients.prefetch->step();
+        else if (u % 32 == 0) {  // the next unit of both rows: N·n short streams outrun the hardware prefetcher
+          __builtin_prefetch(x + k * v.stride_j + u + unit, 0, 2);
+          __builtin_prefetch(x + (k + 1) * v.stride_j + u + unit, 0, 2);
+        }
+        const __m512i a = _mm512_maskz_loadu_epi16(0xFFFF, x + k * v.stride_j + u);  // 16 values, no more
+        const __m512i b = _mm512_maskz_loadu_epi16(0xFFFF, x + (k + 1) * v.stride_j + u);
+        const __m512i words = _mm512_permutex2var_epi16(a, (__m512i)interleave, b);
+        _mm512_storeu_si512(&xpairs[i % 3][k / 2][u], words);
+        if constexpr (kFused) _mm512_storeu_si512(&xpairs[i % 3][R / 2 + k / 2][u], words);
+      }
+  };
   int64_t done = 0;
   for (; done + unit <= rows; done += unit) {
     const int64_t t = t0 + done;
-    // Output tile c holds j block c / t_blocks, t block c % t_blocks.
+    // Output tile c holds j block c / t_blocks, t block c % t_blocks; the coefficient tiles change with
+    // the j block only.
 #define FR_PLACE(c) (c) / t_blocks * 16, t + (c) % t_blocks * 16
 #define FR_START(c)                                                                           \
   if (partial && clients.begin > 0) {                                                         \
@@ -494,34 +523,62 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
   } else {                                                                                    \
     _tile_zero(c);                                                                            \
   }
-#define FR_PRODUCTS(c)                                                              \
-  _tile_loadd(4, pairs_t + (c) / t_blocks * 16 * R / 2 + k0 / 2, R * 2);            \
-  _tile_loadd(5, pairs_t + R * R / 2 + (c) / t_blocks * 16 * R / 2 + k0 / 2, R * 2); \
-  _tile_loadd(6, &xpairs[k0 / 2][(c) % t_blocks * 16], 256);                         \
-  _tile_dpbf16ps(c, 4, 6);                                                          \
-  _tile_dpbf16ps(c, 5, 6)
+// Tiles alternate between two x tiles (6, 7), so that one loads while the other feeds a product
+// (tiles are not renamed); kFused: clients alternate between two coefficient tiles (4, 5) likewise.
+#define FR_X_TILE_0 6
+#define FR_X_TILE_1 7
+#define FR_X_TILE_2 6
+#define FR_X_TILE_3 7
+#define FR_LOAD_X(c) _tile_loadd(FR_X_TILE_##c, &xpairs[i % 3][k0 / 2][(c) % t_blocks * 16], 256)
+#define FR_PRODUCTS(c)                                                                      \
+  if ((c) % t_blocks == 0) {                                                                \
+    _tile_loadd(4, pairs_t + (c) / t_blocks * 16 * R + k0 / 2, R * 4);                      \
+    _tile_loadd(5, pairs_t + (c) / t_blocks * 16 * R + R / 2 + k0 / 2, R * 4);              \
+  }                                                                                         \
+  FR_LOAD_X(c);                                                                             \
+  _tile_dpbf16ps(c, 4, FR_X_TILE_##c);                                                      \
+  _tile_dpbf16ps(c, 5, FR_X_TILE_##c)
+#define FR_FUSED_4(c) \
+  FR_LOAD_X(c);       \
+  _tile_dpbf16ps(c, 4, FR_X_TILE_##c)
+#define FR_FUSED_5(c) \
+  FR_LOAD_X(c);       \
+  _tile_dpbf16ps(c, 5, FR_X_TILE_##c)
 #define FR_TO_PARTIAL(c) _tile_stored(c, partial + (c) / t_blocks * 16 * T + t + (c) % t_blocks * 16, T * 4)
 #define FR_TO_OUT(c)                 \
   _tile_stored(c, &block[0][0], 64); \
   store_block(FR_PLACE(c))
     FR_FOR_TILES(tiles, FR_START);
+    for (int64_t i = clients.begin; i < std::min(clients.begin + 2, clients.end); ++i) interleave_client(i, t);
     for (int64_t i = clients.begin; i < clients.end; ++i) {
-      const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t;
-      for (int k = 0; k < n; k += 2)
-        for (int u = 0; u < unit; u += 16) {  // 16 values of rows k and k + 1, interleaved
-          if (clients.prefetch) clients.prefetch->step();
-          const __m512i a = _mm512_maskz_loadu_epi16(0xFFFF, x + k * v.stride_j + u);  // 16 values, no more
-          const __m512i b = _mm512_maskz_loadu_epi16(0xFFFF, x + (k + 1) * v.stride_j + u);
-          _mm512_storeu_si512(&xpairs[k / 2][u], _mm512_permutex2var_epi16(a, (__m512i)interleave, b));
-        }
+      __asm__ volatile("" ::: "memory");  // the tile loads read xpairs: GCC's _tile_loadd has no memory operand
       const uint32_t* pairs_t = client_coef_pairs<R>(p, v.layer, i) + R * R;
-      for (int k0 = 0; k0 < n; k0 += depth) FR_FOR_TILES(tiles, FR_PRODUCTS);
+      if constexpr (kFused) {  // n <= 16: one j block, four t blocks, all of k in one product
+        constexpr int k0 = 0;
+        if (i % 2 == 0) {
+          _tile_loadd(4, pairs_t, R * 4);
+          FR_FOR_TILES(4, FR_FUSED_4);
+        } else {
+          _tile_loadd(5, pairs_t, R * 4);
+          FR_FOR_TILES(4, FR_FUSED_5);
+        }
+      } else {
+        for (int k0 = 0; k0 < n; k0 += depth) FR_FOR_TILES(tiles, FR_PRODUCTS);
+      }
+      if (i + 2 < clients.end) interleave_client(i + 2, t);
     }
     if (partial && clients.end < p.num_clients) FR_FOR_TILES(tiles, FR_TO_PARTIAL);  // partial is set when end < N
     else FR_FOR_TILES(tiles, FR_TO_OUT);
 #undef FR_PLACE
 #undef FR_START
+#undef FR_X_TILE_0
+#undef FR_X_TILE_1
+#undef FR_X_TILE_2
+#undef FR_X_TILE_3
+#undef FR_LOAD_X
 #undef FR_PRODUCTS
+#undef FR_FUSED_4
+#undef FR_FUSED_5
 #undef FR_TO_PARTIAL
 #undef FR_TO_OUT
   }
@@ -716,6 +773,9 @@ int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, i
       for (int64_t i = clients.begin; i < clients.end; ++i) {
         const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t * v.stride_t;
         const uint32_t* pairs = client_coef_pairs<R>(p, v.layer, i) + j0;
+        if (!clients.prefetch && j0 == 0)  // this client's next rows: the N streams return only every N steps
+          for (int64_t b = 16 * blocks; b < 32 * blocks; ++b)
+            for (int j = 0; j < n; j += 32) __builtin_prefetch(x + b * v.stride_t + j, 0, 2);
         for (int k0 = 0; k0 < n; k0 += depth) {
           if (clients.prefetch) clients.prefetch->step();
           _tile_loadd(5, pairs + k0 / 2 * R, R * 4);

@@ -40,7 +40,12 @@ struct alignas(64) TileConfig {
 // The tile shapes for one scope; the tile state is released after it (cheaper context switches).
 class TileScope {
  public:
-  explicit TileScope(const TileConfig& config) { _tile_loadconfig(&config); }
+  // The barrier: GCC's _tile_loadd asm names no memory operand, so stores before the scope (the
+  // coefficient pairs, partial sums) could otherwise sink below the tile loads that read them.
+  explicit TileScope(const TileConfig& config) {
+    _tile_loadconfig(&config);
+    __asm__ volatile("" ::: "memory");
+  }
   ~TileScope() { _tile_release(); }
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
