@@ -517,11 +517,12 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
     // Output tile c holds j block c / t_blocks, t block c % t_blocks; the coefficient tiles change with
     // the j block only.
 #define FR_PLACE(c) (c) / t_blocks * 16, t + (c) % t_blocks * 16
-#define FR_START(c)                                                                           \
-  if (partial && clients.begin > 0) {                                                         \
-    _tile_loadd(c, partial + (c) / t_blocks * 16 * T + t + (c) % t_blocks * 16, T * 4);       \
-  } else {                                                                                    \
-    _tile_zero(c);                                                                            \
+#define FR_PARTIAL(c) (partial + (c) / t_blocks * 16 * T + t + (c) % t_blocks * 16)
+#define FR_START(c)                       \
+  if (partial && clients.begin > 0) {     \
+    _tile_loadd(c, FR_PARTIAL(c), T * 4); \
+  } else {                                \
+    _tile_zero(c);                        \
   }
 // Tiles alternate between two x tiles (6, 7), so that one loads while the other feeds a product
 // (tiles are not renamed); kFused: clients alternate between two coefficient tiles (4, 5) likewise.
@@ -544,7 +545,7 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
 #define FR_FUSED_5(c) \
   FR_LOAD_X(c);       \
   _tile_dpbf16ps(c, 5, FR_X_TILE_##c)
-#define FR_TO_PARTIAL(c) _tile_stored(c, partial + (c) / t_blocks * 16 * T + t + (c) % t_blocks * 16, T * 4)
+#define FR_TO_PARTIAL(c) _tile_stored(c, FR_PARTIAL(c), T * 4)
 #define FR_TO_OUT(c)                 \
   _tile_stored(c, &block[0][0], 64); \
   store_block(FR_PLACE(c))
@@ -570,6 +571,7 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
     if (partial && clients.end < p.num_clients) FR_FOR_TILES(tiles, FR_TO_PARTIAL);  // partial is set when end < N
     else FR_FOR_TILES(tiles, FR_TO_OUT);
 #undef FR_PLACE
+#undef FR_PARTIAL
 #undef FR_START
 #undef FR_X_TILE_0
 #undef FR_X_TILE_1
@@ -652,6 +654,19 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
   return done;
 }
 
+// Columns [j0, n) of one output row (B factors), at most JV vectors of L sums: whole vectors by
+// store_lanes (their finiteness into `check`), the lanes of a rank below its bucket one by one.
+template <typename V, typename scalar_t, typename acc_t, int L, int JV>
+void store_row(scalar_t* out, const V* sums, int j0, int n, V& check, bool& finite) {
+  int j = j0;
+  for (int u = 0; u < JV && j + L <= n; ++u, j += L) store_lanes<V, scalar_t, acc_t, L>(out + j, sums[u], check);
+  for (; j < n && j < j0 + JV * L; ++j) {
+    const scalar_t value = static_cast<scalar_t>(sums[(j - j0) / L][(j - j0) % L]);
+    finite = finite && fr_isfinite(static_cast<acc_t>(value));
+    out[j] = value;
+  }
+}
+
 // TB rows of a B factor (j contiguous in input and output), JV vectors of j
 // from j0: out[t][j] = Σ_i Σ_k x_i[t][k] C_i[k][j], x read in place. Each C
 // vector loaded serves TB rows. ST: the row stride when it is R (dense rows at
@@ -703,16 +718,8 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
     return;
   }
   V check = {};
-  for (int b = 0; b < TB; ++b) {
-    scalar_t* out = static_cast<scalar_t*>(v.out) + (t + b) * v.out_stride_t;
-    int j = j0;
-    for (int u = 0; u < JV && j + L <= n; ++u, j += L) store_lanes<V, scalar_t, acc_t, L>(out + j, acc[b][u], check);
-    for (; j < n && j < j0 + JV * L; ++j) {  // a rank below its bucket: the last lanes one by one
-      const scalar_t value = static_cast<scalar_t>(acc[b][(j - j0) / L][(j - j0) % L]);
-      finite = finite && fr_isfinite(static_cast<acc_t>(value));
-      out[j] = value;
-    }
-  }
+  for (int b = 0; b < TB; ++b)
+    store_row<V, scalar_t, acc_t, L, JV>(static_cast<scalar_t*>(v.out) + (t + b) * v.out_stride_t, acc[b], j0, n, check, finite);
   finite = finite && lanes_all_zero<V, L>(check);
 }
 
@@ -739,32 +746,27 @@ int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, i
   alignas(64) float block[16][16];
   auto store_block = [&](int64_t t, int j0) {  // block: out rows t.., columns j0..
     for (int b = 0; b < 16; ++b) {
-      c10::BFloat16* out = static_cast<c10::BFloat16*>(v.out) + (t + b) * v.out_stride_t + j0;
-      if (j0 + 16 <= n) {
-        store_lanes<V, c10::BFloat16, float, 16>(out, load_lanes<V, float, 16>(block[b]), check);
-        continue;
-      }
-      for (int j = 0; j < n - j0; ++j) {  // a rank below its bucket: the last columns one by one
-        out[j] = c10::BFloat16(block[b][j]);
-        finite = finite && fr_isfinite(static_cast<float>(out[j]));
-      }
+      const V sums = load_lanes<V, float, 16>(block[b]);
+      store_row<V, c10::BFloat16, float, 16, 1>(static_cast<c10::BFloat16*>(v.out) + (t + b) * v.out_stride_t, &sums,
+                                                j0, n, check, finite);
     }
   };
   int64_t done = 0;
   while (done + 16 <= rows) {
     const int blocks = int(std::min<int64_t>(4, (rows - done) / 16));
     const int64_t t = t0 + done;
-#define FR_START(c)                                                                             \
-  if (partial && clients.begin > 0) {                                                           \
-    _tile_loadd(c, partial + (t + 16 * (c)) * R + j0, R * 4);                                   \
-  } else {                                                                                      \
-    _tile_zero(c);                                                                              \
+#define FR_PARTIAL(c) (partial + (t + 16 * (c)) * R + j0)
+#define FR_START(c)                       \
+  if (partial && clients.begin > 0) {     \
+    _tile_loadd(c, FR_PARTIAL(c), R * 4); \
+  } else {                                \
+    _tile_zero(c);                        \
   }
 #define FR_PRODUCTS(c)                                             \
   _tile_loadd(4, x + 16 * (c) * v.stride_t + k0, sx);              \
   _tile_dpbf16ps(c, 4, 5);                                         \
   _tile_dpbf16ps(c, 4, 6)
-#define FR_TO_PARTIAL(c) _tile_stored(c, partial + (t + 16 * (c)) * R + j0, R * 4)
+#define FR_TO_PARTIAL(c) _tile_stored(c, FR_PARTIAL(c), R * 4)
 #define FR_TO_OUT(c)                         \
   _tile_stored(c, &block[0][0], 64);         \
   store_block(t + 16 * (c), j0)
@@ -786,6 +788,7 @@ int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, i
       if (partial && clients.end < p.num_clients) FR_FOR_TILES(blocks, FR_TO_PARTIAL);  // partial is set when end < N
       else FR_FOR_TILES(blocks, FR_TO_OUT);
     }
+#undef FR_PARTIAL
 #undef FR_START
 #undef FR_PRODUCTS
 #undef FR_TO_PARTIAL
