@@ -146,17 +146,14 @@ void covariance_t_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
   alignas(64) acc_t part[NB * NB][JB * JB] = {};
   alignas(64) acc_t ywide[kWiden ? R : 1][kWidened];
   alignas(64) acc_t xwide[kWiden ? JB : 1][kWidened];
-  const auto widen = [](const scalar_t* src, int64_t len, acc_t* dst) {
-    for (int64_t t = 0; t < len; t += L) store_vector<V>(dst + t, load_lanes_widened<V, scalar_t, L>(src + t));
-  };
   const int64_t T_vec = T - T % L;
   for (int64_t tb = 0; tb < T_vec; tb += kCovarianceBlock) {
     const int64_t len = std::min(T_vec, tb + kCovarianceBlock) - tb;
     if constexpr (kWiden)
-      for (int k = 0; k < n; ++k) widen(y + k * sy + tb, len, ywide[k]);
+      for (int k = 0; k < n; ++k) widen_lanes<V, scalar_t, L>(y + k * sy + tb, len, ywide[k]);
     for (int j0 = 0; j0 < n; j0 += JB) {
       if constexpr (kWiden)
-        for (int b = 0; b < JB; ++b) widen(x + (j0 + b < n ? j0 + b : 0) * sx + tb, len, xwide[b]);
+        for (int b = 0; b < JB; ++b) widen_lanes<V, scalar_t, L>(x + (j0 + b < n ? j0 + b : 0) * sx + tb, len, xwide[b]);
       for (int k0 = 0; k0 < n; k0 += JB) {
         const acc_t *xr[JB], *yr[JB];
         for (int b = 0; b < JB; ++b) {
@@ -318,11 +315,10 @@ void covariance_j_contiguous_full(const scalar_t* x, int64_t sx, const scalar_t*
   for (int64_t tb = 0; tb < T; tb += kCovarianceBlock) {
     const int64_t len = std::min(T, tb + kCovarianceBlock) - tb;
     if constexpr (kWiden) {
-      for (int64_t t = 0; t < len; ++t)
-        for (int u = 0; u < U; ++u) {
-          store_vector<V>(xwide[t] + u * L, load_lanes_widened<V, scalar_t, L>(x + (tb + t) * sx + u * L));
-          store_vector<V>(ywide[t] + u * L, load_lanes_widened<V, scalar_t, L>(y + (tb + t) * sy + u * L));
-        }
+      for (int64_t t = 0; t < len; ++t) {
+        widen_lanes<V, scalar_t, L>(x + (tb + t) * sx, R, xwide[t]);
+        widen_lanes<V, scalar_t, L>(y + (tb + t) * sy, R, ywide[t]);
+      }
       tiles(xwide[0], R, ywide[0], R, len);
     } else {
       tiles(x + tb * sx, sx, y + tb * sy, sy, len);

@@ -144,6 +144,13 @@ inline void store_vector(acc_t* out, const V v) {
   std::memcpy(out, &v, sizeof v);
 }
 
+// Widens src[0, len) into dst, L lanes at a time (len a multiple of L): narrow inputs are
+// widened once into a buffer that many FMA tiles then read.
+template <typename V, typename scalar_t, int L, typename acc_t>
+inline void widen_lanes(const scalar_t* src, int64_t len, acc_t* dst) {
+  for (int64_t t = 0; t < len; t += L) store_vector<V>(dst + t, load_lanes_widened<V, scalar_t, L>(src + t));
+}
+
 // Stores L lanes as scalar_t (round to nearest even) and adds x - x of each lane,
 // before and after rounding, to `check`: 0 while every stored value is finite.
 template <typename V, typename scalar_t, typename acc_t, int L>
