@@ -451,8 +451,8 @@ inline int tile_depth(int n) {
 // J = ceil(n / 16) blocks of j by 4 / J blocks of t (a unit of 64, 32 or 16 columns). Per client,
 // the unit's x rows are interleaved in pairs along k (words (x[k][t], x[k + 1][t]): the second
 // operand of a tile product), then per depth step and output tile: the transposed hi and lo
-// coefficient pairs in tiles 4 and 5, the x pairs in tile 6 or 7, two products. At R = 16, hi and
-// lo fill one tile row (K = 32): one coefficient tile holds both and the x tile the pairs twice, so
+// coefficient pairs in tiles 4 and 5, the x pairs in tile 6, two products. At R = 16, hi and lo
+// fill one tile row (K = 32): one coefficient tile holds both and the x tile the pairs twice, so
 // one product per client and output tile (half the products, none waiting on another). Returns the
 // columns done (whole units, so that every schedule gives a column the same kernel); the rest is for
 // the AVX-512 tiles.
@@ -471,15 +471,12 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
   config.set(4, 16, kFused ? 64 : 2 * depth);
   config.set(5, 16, kFused ? 64 : 2 * depth);
   config.set(6, kFused ? kPairRows : depth / 2, 64);
-  config.set(7, kFused ? kPairRows : depth / 2, 64);
   const TileScope scope(config);
   float* partial = clients.partial;
   const int64_t T = v.rows;
   // Words (k / 2, t) of one unit of a client (kFused: again from row R / 2; the rows of k >= n stay
-  // zero), three buffers: client i + 2 is interleaved after client i's tile products are issued, so
-  // that the two overlap, and no tile load reads words stored just before it (it would wait for the
-  // stores to retire).
-  alignas(64) uint32_t xpairs[3][kPairRows][64];
+  // zero).
+  alignas(64) uint32_t xpairs[kPairRows][64];
   if constexpr (kFused) std::memset(xpairs, 0, sizeof xpairs);
   alignas(64) float block[16][16];
   using Words = Simd<int16_t, 64>::type;  // x[k][u], x[k + 1][u] to word u: index 2u is u of a, 2u + 1 is u of b
@@ -490,21 +487,17 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
       store_lanes<V, c10::BFloat16, float, 16>(static_cast<c10::BFloat16*>(v.out) + (j0 + b) * v.out_stride_j + t,
                                                load_lanes<V, float, 16>(block[b]), check);
   };
-  // Client i's unit at column t into xpairs[i % 3], prefetching its next unit.
+  // Client i's unit at column t into xpairs.
   auto interleave_client = [&](int64_t i, int64_t t) {
     const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t;
     for (int k = 0; k < n; k += 2)
       for (int u = 0; u < unit; u += 16) {  // 16 values of rows k and k + 1, interleaved
         if (clients.prefetch) clients.prefetch->step();
-        else if (u % 32 == 0) {  // the next unit of both rows: N·n short streams outrun the hardware prefetcher
-          __builtin_prefetch(x + k * v.stride_j + u + unit, 0, 2);
-          __builtin_prefetch(x + (k + 1) * v.stride_j + u + unit, 0, 2);
-        }
         const __m512i a = _mm512_maskz_loadu_epi16(0xFFFF, x + k * v.stride_j + u);  // 16 values, no more
         const __m512i b = _mm512_maskz_loadu_epi16(0xFFFF, x + (k + 1) * v.stride_j + u);
         const __m512i words = _mm512_permutex2var_epi16(a, (__m512i)interleave, b);
-        _mm512_storeu_si512(&xpairs[i % 3][k / 2][u], words);
-        if constexpr (kFused) _mm512_storeu_si512(&xpairs[i % 3][R / 2 + k / 2][u], words);
+        _mm512_storeu_si512(&xpairs[k / 2][u], words);
+        if constexpr (kFused) _mm512_storeu_si512(&xpairs[R / 2 + k / 2][u], words);
       }
   };
   int64_t done = 0;
@@ -520,63 +513,44 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
   } else {                                \
     _tile_zero(c);                        \
   }
-// Tiles alternate between two x tiles (6, 7), so that one loads while the other feeds a product
-// (tiles are not renamed); kFused: clients alternate between two coefficient tiles (4, 5) likewise.
-#define FR_X_TILE_0 6
-#define FR_X_TILE_1 7
-#define FR_X_TILE_2 6
-#define FR_X_TILE_3 7
-#define FR_LOAD_X(c) _tile_loadd(FR_X_TILE_##c, &xpairs[i % 3][k0 / 2][(c) % t_blocks * 16], 256)
-#define FR_PRODUCTS(c)                                                                      \
-  if ((c) % t_blocks == 0) {                                                                \
-    _tile_loadd(4, pairs_t + (c) / t_blocks * 16 * R + k0 / 2, R * 4);                      \
-    _tile_loadd(5, pairs_t + (c) / t_blocks * 16 * R + R / 2 + k0 / 2, R * 4);              \
-  }                                                                                         \
-  FR_LOAD_X(c);                                                                             \
-  _tile_dpbf16ps(c, 4, FR_X_TILE_##c);                                                      \
-  _tile_dpbf16ps(c, 5, FR_X_TILE_##c)
-#define FR_FUSED_4(c) \
-  FR_LOAD_X(c);       \
-  _tile_dpbf16ps(c, 4, FR_X_TILE_##c)
-#define FR_FUSED_5(c) \
-  FR_LOAD_X(c);       \
-  _tile_dpbf16ps(c, 5, FR_X_TILE_##c)
+#define FR_LOAD_X(c) _tile_loadd(6, &xpairs[k0 / 2][(c) % t_blocks * 16], 256)
+#define FR_PRODUCTS(c)                                                         \
+  if ((c) % t_blocks == 0) {                                                   \
+    _tile_loadd(4, pairs_t + (c) / t_blocks * 16 * R + k0 / 2, R * 4);         \
+    _tile_loadd(5, pairs_t + (c) / t_blocks * 16 * R + R / 2 + k0 / 2, R * 4); \
+  }                                                                            \
+  FR_LOAD_X(c);                                                                \
+  _tile_dpbf16ps(c, 4, 6);                                                     \
+  _tile_dpbf16ps(c, 5, 6)
+#define FR_FUSED(c) \
+  FR_LOAD_X(c);     \
+  _tile_dpbf16ps(c, 4, 6)
 #define FR_TO_PARTIAL(c) _tile_stored(c, FR_PARTIAL(c), T * 4)
 #define FR_TO_OUT(c)                 \
   _tile_stored(c, &block[0][0], 64); \
   store_block(FR_PLACE(c))
     FR_FOR_TILES(tiles, FR_START);
-    for (int64_t i = clients.begin; i < std::min(clients.begin + 2, clients.end); ++i) interleave_client(i, t);
     for (int64_t i = clients.begin; i < clients.end; ++i) {
-      __asm__ volatile("" ::: "memory");  // the tile loads read xpairs: GCC's _tile_loadd has no memory operand
+      __asm__ volatile("" ::: "memory");  // the last client's tile loads read xpairs: GCC's _tile_loadd has no memory operand
+      interleave_client(i, t);
+      __asm__ volatile("" ::: "memory");
       const uint32_t* pairs_t = client_coef_pairs<R>(p, v.layer, i) + R * R;
       if constexpr (kFused) {  // n <= 16: one j block, four t blocks, all of k in one product
         constexpr int k0 = 0;
-        if (i % 2 == 0) {
-          _tile_loadd(4, pairs_t, R * 4);
-          FR_FOR_TILES(4, FR_FUSED_4);
-        } else {
-          _tile_loadd(5, pairs_t, R * 4);
-          FR_FOR_TILES(4, FR_FUSED_5);
-        }
+        _tile_loadd(4, pairs_t, R * 4);
+        FR_FOR_TILES(4, FR_FUSED);
       } else {
         for (int k0 = 0; k0 < n; k0 += depth) FR_FOR_TILES(tiles, FR_PRODUCTS);
       }
-      if (i + 2 < clients.end) interleave_client(i + 2, t);
     }
     if (partial && clients.end < p.num_clients) FR_FOR_TILES(tiles, FR_TO_PARTIAL);  // partial is set when end < N
     else FR_FOR_TILES(tiles, FR_TO_OUT);
 #undef FR_PLACE
 #undef FR_PARTIAL
 #undef FR_START
-#undef FR_X_TILE_0
-#undef FR_X_TILE_1
-#undef FR_X_TILE_2
-#undef FR_X_TILE_3
 #undef FR_LOAD_X
 #undef FR_PRODUCTS
-#undef FR_FUSED_4
-#undef FR_FUSED_5
+#undef FR_FUSED
 #undef FR_TO_PARTIAL
 #undef FR_TO_OUT
   }
@@ -771,9 +745,6 @@ int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, i
       for (int64_t i = clients.begin; i < clients.end; ++i) {
         const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t * v.stride_t;
         const uint32_t* pairs = client_coef_pairs<R>(p, v.layer, i) + j0;
-        if (!clients.prefetch && j0 == 0)  // this client's next rows: the N streams return only every N steps
-          for (int64_t b = 16 * blocks; b < 32 * blocks; ++b)
-            for (int j = 0; j < n; j += 32) __builtin_prefetch(x + b * v.stride_t + j, 0, 2);
         for (int k0 = 0; k0 < n; k0 += depth) {
           if (clients.prefetch) clients.prefetch->step();
           _tile_loadd(5, pairs + k0 / 2 * R, R * 4);
