@@ -61,8 +61,8 @@ using Fp32Bits = typename Simd<uint32_t, 4 * L>::type;
 template <typename V, int L>
 inline V load_lanes_bf16(const c10::BFloat16* x) {
 #if defined(__AVX512F__)
-  // One 512-bit zero extension: GCC lowers the generic form below at 16 lanes to two 256-bit ones
-  // and an insert (three port-5 operations instead of one).
+  // One 512-bit zero extension: GCC lowers the generic form below at 16 lanes to two 256-bit ones,
+  // an extract and an insert, four shuffle-port operations where this takes one.
   if constexpr (L == 16 && sizeof(V) == 64) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
     const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
