@@ -439,13 +439,28 @@ void rotations_pass(const GroupParams& p) {
                    [&](int64_t begin, int64_t end) { rotate_clients<scalar_t, acc_t, R>(p, begin, end); });
 }
 
-#if FEDROT_AMX
 // The largest even divisor of n up to 32: the values of k per tile product (K of one tile pair).
 inline int tile_depth(int n) {
   for (int d = 32; d >= 2; d -= 2)
     if (n % d == 0) return d;
   return 0;
 }
+
+// Columns of one unit of the A tile kernel at rank n: 4 / ceil(n / 16) blocks of 16.
+inline int tile_unit_t(int n) { return 16 * (4 / ((n + 15) / 16)); }
+
+// Whether the AMX tile kernels take any of `rows` rows of v: bf16 coefficient pairs for bucket R,
+// the tile state granted, an even rank, v dense along t (A kernel, at least one unit) or along j
+// (B kernel, at least one block of 16) in input and output. The one rule of both kernels and of the
+// sweep that precedes them (pull_unaligned_layer).
+template <typename scalar_t, int R>
+bool tiles_take(const FactorView& v, int n, int64_t rows) {
+  if (!kCoefPairs<scalar_t, R> || !amx_usable() || tile_depth(n) == 0) return false;
+  if (v.stride_t == 1 && v.out_stride_t == 1) return rows >= tile_unit_t(n);
+  return v.stride_j == 1 && v.out_stride_j == 1 && rows >= 16;
+}
+
+#if FEDROT_AMX
 
 // bf16 A factors (t contiguous, even n) on AMX: out[j][t] in tiles 0..3 of 16 rows j × 16 columns t,
 // J = ceil(n / 16) blocks of j by 4 / J blocks of t (a unit of 64, 32 or 16 columns). Per client,
@@ -460,10 +475,9 @@ template <int R>
 int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
                              Clients<float> clients, bool& finite) {
   using V = Simd<float, 64>::type;
-  const int depth = tile_depth(n);
-  if (!amx_usable() || depth == 0) return 0;
-  const int j_blocks = (n + 15) / 16, t_blocks = 4 / j_blocks, tiles = j_blocks * t_blocks, unit = 16 * t_blocks;
-  if (rows < unit) return 0;
+  if (!tiles_take<c10::BFloat16, R>(v, n, rows)) return 0;
+  const int depth = tile_depth(n), unit = tile_unit_t(n);
+  const int j_blocks = (n + 15) / 16, t_blocks = unit / 16, tiles = j_blocks * t_blocks;
   constexpr bool kFused = R == 16;  // hi and lo words of a coefficient row in one tile row
   constexpr int kPairRows = kFused ? R : R / 2;
   TileConfig config;
@@ -702,8 +716,8 @@ template <int R>
 int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows,
                              Clients<float> clients, bool& finite) {
   using V = Simd<float, 64>::type;
+  if (!tiles_take<c10::BFloat16, R>(v, n, rows)) return 0;
   const int depth = tile_depth(n);
-  if (!amx_usable() || depth == 0 || rows < 16) return 0;
   TileConfig config;
   for (int c = 0; c < 4; ++c) config.set(c, 16, 64);
   config.set(4, 16, 2 * depth);
@@ -912,19 +926,21 @@ void add_clients(Prefetcher& prefetch, const FactorView& v, int n, int64_t begin
                  (end - begin) * v.client_stride * int64_t(sizeof(scalar_t)));
 }
 
-// Reads layer l's dense client factors once, a load per line in address order, when no view of it
-// aligns: with no covariance to bring them into L2 first, the AMX kernels' N·n short row streams
-// (units of 16 to 64 columns) read DRAM at about a quarter of the copy bandwidth, while one
-// sequential sweep runs at the streamer's rate and leaves them in L2. Paired, align "none" bf16:
+// Reads the dense client factors of each view of layer l that the AMX kernels will take
+// (tiles_take) once, a load per line in address order, when no view of the layer aligns: with no
+// covariance to bring them into L2 first, those kernels' N·n short row streams (units of 16 to 64
+// columns) read DRAM at about a quarter of the copy bandwidth, while one sequential sweep runs at
+// the streamer's rate and leaves them in L2. Paired, align "none" bf16:
 // RoBERTa N = 10 r = 16 0.76-0.82, N = 3 r = 64 0.95, Llama N = 3 r = 16 0.97. The AVX-512 kernels
 // stream well already (Llama N = 10 r = 4: 1.21 with a sweep), as does the covariance where a view
 // aligns (1.03-1.05).
-template <typename scalar_t>
+template <typename scalar_t, int R>
 void pull_unaligned_layer(const GroupParams& p, int64_t l) {
   if (p.views[2 * l].ref != nullptr || p.views[2 * l + 1].ref != nullptr) return;
+  const int n = p.layers[l].n;
   for (int f = 0; f < 2; ++f) {
     const FactorView& v = p.views[2 * l + f];
-    if (!dense_clients(v, p.layers[l].n)) continue;
+    if (!dense_clients(v, n) || !tiles_take<scalar_t, R>(v, n, std::min(kChunkRows, v.rows))) continue;
     const char* bytes = static_cast<const char*>(v.x);
     const int64_t size = p.num_clients * v.client_stride * int64_t(sizeof(scalar_t));
     char sink = 0;
@@ -942,7 +958,7 @@ template <typename scalar_t, typename acc_t, int R>
 void align_and_aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partial) {
   const int64_t first = l * p.num_clients;
   if (layer_client_bytes<scalar_t>(p, l) <= l2_budget_bytes()) {
-    if (kCoefPairs<scalar_t, R> && amx_usable()) pull_unaligned_layer<scalar_t>(p, l);
+    pull_unaligned_layer<scalar_t, R>(p, l);
     rotate_clients<scalar_t, acc_t, R>(p, first, first + p.num_clients);
     return aggregate_chunks<scalar_t, acc_t, R>(p, p.views[2 * l].chunk_begin, layer_chunks_end(p, l));
   }
