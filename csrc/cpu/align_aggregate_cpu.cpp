@@ -16,6 +16,7 @@
 #include "common/dispatch.h"
 #include "common/rotation_coefficients.h"
 #include "cpu/amx.h"
+#include "cpu/amx_covariance.h"
 #include "cpu/simd.h"
 
 namespace fedrot {
@@ -40,10 +41,11 @@ const acc_t* client_coef(const GroupParams& p, int32_t layer, int64_t client) {
   return static_cast<const acc_t*>(p.coef) + (int64_t(layer) * p.num_clients + client) * R * R;
 }
 
-// Whether layers of bucket R in scalar_t have their coefficients as bf16 pairs, for the AMX
-// aggregations (aggregate_rows_t_amx, aggregate_rows_j_amx).
+// Whether layers of bucket R in scalar_t run the AMX tile kernels where their shapes allow: the
+// aggregations, with the coefficients as bf16 pairs (aggregate_rows_t_amx, aggregate_rows_j_amx),
+// and the covariances (tile_covariance).
 template <typename scalar_t, int R>
-constexpr bool kCoefPairs = kAmxBuilt && std::is_same_v<scalar_t, c10::BFloat16> && R >= 16;
+constexpr bool kAmxBucket = kAmxBuilt && std::is_same_v<scalar_t, c10::BFloat16> && R >= 16;
 
 // w_i R_i of one client of one layer as bf16 pairs along k for tile products, after all the R × R
 // coefficients of the group (p.coef holds three times their size then). Four R²/2-word blocks:
@@ -407,9 +409,64 @@ bool view_is_finite(const scalar_t* x, int64_t stride_t, int64_t stride_j, int64
   return tail == acc_t(0) && lanes_all_zero<V, L>(check);
 }
 
+// Per task range: the references of the layer it is at, paired for the tile covariance (once per
+// layer and view: every client's covariance reads them), and one client's paired B factor.
+struct CovarianceTiles {
+  int64_t layer[2] = {-1, -1};
+  std::vector<uint32_t> ref[2], client;
+};
+
+// Whether v's client and reference are both t-contiguous (A layout) or both j-contiguous (B).
+inline bool t_contiguous_pair(const FactorView& v) { return v.stride_t == 1 && v.ref_stride_t == 1; }
+inline bool j_contiguous_pair(const FactorView& v) { return v.stride_j == 1 && v.ref_stride_j == 1; }
+
+// M += X_iᵀ Y for view f of `client` by tile_covariance, where its shapes allow (false: not done).
+// A layout: the client's rows are the first operand, the paired reference (pair_rows_t) the second;
+// B layout: the reference paired and transposed is the first operand (rows k), the client paired
+// the second (columns j), and the tiles hold Mᵀ. The values of t past the last step are added in
+// order after the tiles.
+template <typename scalar_t, typename acc_t, int R>
+bool covariance_on_tiles(const FactorView& v, int f, int64_t client, int n, CovarianceTiles& tiles, acc_t* M) {
+#if FEDROT_AMX
+  if constexpr (kAmxBucket<scalar_t, R>) {
+    const bool by_t = t_contiguous_pair(v), by_j = !by_t && j_contiguous_pair(v);
+    if (!(by_t || by_j) || !covariance_tiles_take<R>(n, v.rows)) return false;
+    const auto* x = static_cast<const c10::BFloat16*>(v.x) + client * v.client_stride;
+    const auto* y = static_cast<const c10::BFloat16*>(v.ref);
+    const int64_t T = v.rows, steps = T / kTileT, words = paired_words(n, T);
+    std::vector<uint32_t>& ref = tiles.ref[f];
+    if (tiles.layer[f] != v.layer) {
+      ref.resize(std::max(ref.size(), size_t(words)));
+      if (by_t) pair_rows_t(y, v.ref_stride_j, T, n, ref.data());
+      else pair_rows_j(y, v.ref_stride_t, T, n, /*transpose=*/true, ref.data());
+      tiles.layer[f] = v.layer;
+    }
+    if (by_t) {
+      const int64_t row_bytes = v.stride_j * int64_t(sizeof(c10::BFloat16));
+      tile_covariance<R>({x, row_bytes, kTileT * int64_t(sizeof(c10::BFloat16)), 16 * row_bytes},
+                         word_operand(ref.data(), steps), steps, n, /*transposed=*/false, M);
+    } else {
+      tiles.client.resize(std::max(tiles.client.size(), size_t(words)));
+      pair_rows_j(x, v.stride_t, T, n, /*transpose=*/false, tiles.client.data());
+      tile_covariance<R>(word_operand(ref.data(), steps), word_operand(tiles.client.data(), steps), steps, n,
+                         /*transposed=*/true, M);
+    }
+    const int64_t xt = by_t ? 1 : v.stride_t, xj = by_t ? v.stride_j : 1;
+    const int64_t yt = by_t ? 1 : v.ref_stride_t, yk = by_t ? v.ref_stride_j : 1;
+    for (int j = 0; j < n; ++j)
+      for (int k = 0; k < n; ++k)
+        for (int64_t u = steps * kTileT; u < T; ++u)
+          M[j * R + k] += static_cast<acc_t>(x[u * xt + j * xj]) * static_cast<acc_t>(y[u * yt + k * yk]);
+    return true;
+  }
+#endif
+  return false;
+}
+
 // M_i and the coefficients w_i R_i of task li = (layer, client).
 template <typename scalar_t, typename acc_t, int R>
-void rotate_client(const GroupParams& p, int64_t li, acc_t* M, acc_t* Rot, PolarScratch<acc_t, R>& scratch) {
+void rotate_client(const GroupParams& p, int64_t li, acc_t* M, acc_t* Rot, PolarScratch<acc_t, R>& scratch,
+                   CovarianceTiles& tiles) {
   const int64_t l = li / p.num_clients, i = li % p.num_clients;
   std::fill(M, M + R * R, acc_t(0));
   for (int f = 0; f < 2; ++f) {  // views with no reference do not align
@@ -419,24 +476,28 @@ void rotate_client(const GroupParams& p, int64_t li, acc_t* M, acc_t* Rot, Polar
     if (i == 0 && !view_is_finite<scalar_t, acc_t>(static_cast<const scalar_t*>(v.ref), v.ref_stride_t,
                                                    v.ref_stride_j, v.rows, p.layers[l].n))
       __atomic_fetch_or(p.status, kStatusReferenceNonfinite, __ATOMIC_RELAXED);
-    accumulate_covariance<scalar_t, acc_t, R>(v, i, p.layers[l].n, M);
+    if (!covariance_on_tiles<scalar_t, acc_t, R>(v, f, i, p.layers[l].n, tiles, M))
+      accumulate_covariance<scalar_t, acc_t, R>(v, i, p.layers[l].n, M);
   }
   rotation_from_covariance<acc_t, R>(p, li, M, Rot, scratch);
-  if constexpr (kCoefPairs<scalar_t, R>) pack_coef_pairs<R>(client_coef<acc_t, R>(p, l, i), client_coef_pairs<R>(p, l, i));
+  if constexpr (kAmxBucket<scalar_t, R>) pack_coef_pairs<R>(client_coef<acc_t, R>(p, l, i), client_coef_pairs<R>(p, l, i));
 }
 
 template <typename scalar_t, typename acc_t, int R>
-void rotate_clients(const GroupParams& p, int64_t begin, int64_t end) {
+void rotate_clients(const GroupParams& p, int64_t begin, int64_t end, CovarianceTiles& tiles) {
   PolarScratch<acc_t, R> scratch;
   alignas(64) acc_t M[R * R];
   alignas(64) acc_t Rot[R * R];
-  for (int64_t li = begin; li < end; ++li) rotate_client<scalar_t, acc_t, R>(p, li, M, Rot, scratch);
+  for (int64_t li = begin; li < end; ++li) rotate_client<scalar_t, acc_t, R>(p, li, M, Rot, scratch, tiles);
 }
 
 template <typename scalar_t, typename acc_t, int R>
 void rotations_pass(const GroupParams& p) {
   at::parallel_for(0, int64_t(p.num_layers) * p.num_clients, 1,
-                   [&](int64_t begin, int64_t end) { rotate_clients<scalar_t, acc_t, R>(p, begin, end); });
+                   [&](int64_t begin, int64_t end) {
+                     CovarianceTiles tiles;
+                     rotate_clients<scalar_t, acc_t, R>(p, begin, end, tiles);
+                   });
 }
 
 // The largest even divisor of n up to 32: the values of k per tile product (K of one tile pair).
@@ -455,7 +516,7 @@ inline int tile_unit_t(int n) { return 16 * (4 / ((n + 15) / 16)); }
 // sweep that precedes them (pull_unaligned_layer).
 template <typename scalar_t, int R>
 bool tiles_take(const FactorView& v, int n, int64_t rows) {
-  if (!kCoefPairs<scalar_t, R> || !amx_usable() || tile_depth(n) == 0) return false;
+  if (!kAmxBucket<scalar_t, R> || !amx_usable() || tile_depth(n) == 0) return false;
   if (v.stride_t == 1 && v.out_stride_t == 1) return rows >= tile_unit_t(n);
   return v.stride_j == 1 && v.out_stride_j == 1 && rows >= 16;
 }
@@ -493,8 +554,6 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
   alignas(64) uint32_t xpairs[kPairRows][64];
   if constexpr (kFused) std::memset(xpairs, 0, sizeof xpairs);
   alignas(64) float block[16][16];
-  using Words = Simd<int16_t, 64>::type;  // x[k][u], x[k + 1][u] to word u: index 2u is u of a, 2u + 1 is u of b
-  const Words interleave = lane_index<Words>([](int q) { return q % 2 ? 32 + q / 2 : q / 2; }, std::make_index_sequence<32>{});
   V check = {};
   auto store_block = [&](int j0, int64_t t) {  // block: out rows j0.., columns t..
     for (int b = 0; b < 16 && j0 + b < n; ++b)
@@ -507,9 +566,7 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
     for (int k = 0; k < n; k += 2)
       for (int u = 0; u < unit; u += 16) {  // 16 values of rows k and k + 1, interleaved
         if (clients.prefetch) clients.prefetch->step();
-        const __m512i a = _mm512_maskz_loadu_epi16(0xFFFF, x + k * v.stride_j + u);  // 16 values, no more
-        const __m512i b = _mm512_maskz_loadu_epi16(0xFFFF, x + (k + 1) * v.stride_j + u);
-        const __m512i words = _mm512_permutex2var_epi16(a, (__m512i)interleave, b);
+        const __m512i words = pair_words(x + k * v.stride_j + u, x + (k + 1) * v.stride_j + u);
         _mm512_storeu_si512(&xpairs[k / 2][u], words);
         if constexpr (kFused) _mm512_storeu_si512(&xpairs[R / 2 + k / 2][u], words);
       }
@@ -842,14 +899,14 @@ int64_t aggregate_tiles(const GroupParams& p, const FactorView& v, int n, int64_
   if (v.stride_t == 1 && v.out_stride_t == 1) {
     int64_t done = 0;
 #if FEDROT_AMX
-    if constexpr (kCoefPairs<scalar_t, R>) done = aggregate_rows_t_amx<R>(p, v, n, t0, rows, clients, finite);
+    if constexpr (kAmxBucket<scalar_t, R>) done = aggregate_rows_t_amx<R>(p, v, n, t0, rows, clients, finite);
 #endif
     return done + aggregate_rows_t_contiguous<scalar_t, acc_t, R>(p, v, n, t0 + done, rows - done, clients, finite);
   }
   if (!has_tile_layout(v)) return 0;
   int64_t done = 0;
 #if FEDROT_AMX
-  if constexpr (kCoefPairs<scalar_t, R>) done = aggregate_rows_j_amx<R>(p, v, n, t0, rows, clients, finite);
+  if constexpr (kAmxBucket<scalar_t, R>) done = aggregate_rows_j_amx<R>(p, v, n, t0, rows, clients, finite);
 #endif
   if (v.stride_t == R) aggregate_rows_j_contiguous<scalar_t, acc_t, R, R>(p, v, n, t0 + done, rows - done, clients, finite);
   else aggregate_rows_j_contiguous<scalar_t, acc_t, R, 0>(p, v, n, t0 + done, rows - done, clients, finite);
@@ -955,11 +1012,11 @@ void pull_unaligned_layer(const GroupParams& p, int64_t l) {
 // which read the factors the covariances just brought into L2 instead of from DRAM a second time;
 // then the rows the tiles leave (the A tail, other layouts) by row chunks over all clients.
 template <typename scalar_t, typename acc_t, int R>
-void align_and_aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partial) {
+void align_and_aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_t>& partial, CovarianceTiles& tiles) {
   const int64_t first = l * p.num_clients;
   if (layer_client_bytes<scalar_t>(p, l) <= l2_budget_bytes()) {
     pull_unaligned_layer<scalar_t, R>(p, l);
-    rotate_clients<scalar_t, acc_t, R>(p, first, first + p.num_clients);
+    rotate_clients<scalar_t, acc_t, R>(p, first, first + p.num_clients, tiles);
     return aggregate_chunks<scalar_t, acc_t, R>(p, p.views[2 * l].chunk_begin, layer_chunks_end(p, l));
   }
   bool finite = true;
@@ -975,7 +1032,7 @@ void align_and_aggregate_layer(const GroupParams& p, int64_t l, std::vector<acc_
   const int order[2] = {b_first ? 1 : 0, b_first ? 0 : 1};
   for (int64_t i = 0; i < p.num_clients; i += group) {
     const int64_t end = std::min<int64_t>(p.num_clients, i + group);
-    rotate_clients<scalar_t, acc_t, R>(p, first + i, first + end);
+    rotate_clients<scalar_t, acc_t, R>(p, first + i, first + end, tiles);
     Prefetcher prefetch;
     if (p.views[2 * l + order[1]].ref == nullptr) add_clients<scalar_t>(prefetch, p.views[2 * l + order[1]], n, i, end);
     for (int f : order)
@@ -1002,7 +1059,8 @@ template <typename scalar_t, typename acc_t, int R>
 void layer_pass(const GroupParams& p) {
   at::parallel_for(0, p.num_layers, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> partial;
-    for (int64_t l = begin; l < end; ++l) align_and_aggregate_layer<scalar_t, acc_t, R>(p, l, partial);
+    CovarianceTiles tiles;
+    for (int64_t l = begin; l < end; ++l) align_and_aggregate_layer<scalar_t, acc_t, R>(p, l, partial, tiles);
   });
 }
 
@@ -1021,7 +1079,7 @@ bool layers_balance(const GroupParams& p) {
 void run_group_cpu(const GroupTables& t, GroupParams p, int bucket, const at::Tensor& first,
                    const at::Tensor& weights) {
   const int64_t R = bucket;
-  const bool pairs = kAmxBuilt && first.scalar_type() == at::kBFloat16 && R >= 16;  // kCoefPairs
+  const bool pairs = kAmxBuilt && first.scalar_type() == at::kBFloat16 && R >= 16;  // kAmxBucket
   const at::Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R * (pairs ? 3 : 1)}, weights.options());
   p.views = t.views.data();
   p.layers = t.layers.data();

@@ -43,7 +43,7 @@ def test_matches_reference_each_rank(r, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("r", [4, 16, 24, 48, 64])
+@pytest.mark.parametrize("r", [4, 16, 24, 32, 48, 64])
 def test_matches_reference_across_covariance_blocks(r, dtype, device):
     # A factors long enough for several cache blocks of the covariance kernels plus a vector tail,
     # at full and padded ranks (the transposed-reference kernel of the 32 and 64 buckets on AVX-512,
@@ -91,6 +91,24 @@ def test_non_contiguous_inputs_are_read_in_place(dtype, device):
     want = reference.align_and_aggregate(p.A, p.B, ref_A=p.ref_A, ref_B=p.ref_B, **kw)
     cond = conditioning(p.A, p.B, p.ref_A, p.ref_B, "AB", 0.5)
     assert_matches_reference(got, want, dtype, cond=cond, seed=p.seed, device=device)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("r", [16, 32, 64])
+def test_bf16_covariance_tiles_match_reference(r, padded, device):
+    # The bf16 covariances of the 16 to 64 buckets (on AMX: 32 values of t per tile product, then the
+    # tail in order): A views with t contiguous, B views with j contiguous, rows dense or padded.
+    # Values of t (A, B): 97 and 45, 64 and 131, 31 and 40: steps with and without a tail, and none.
+    shapes = [(r, 97, 45), (r, 64, 131), (r, 31, 40)]
+    p = make_problem(shapes, n_clients=3, dtype=torch.bfloat16, seed=200 + r)
+    pd = p.to(device)
+    pad = (lambda x: torch.cat([x, x], dim=-1)[..., : x.shape[-1]]) if padded else (lambda x: x)
+    A, B, ref_A, ref_B = ([pad(x) for x in xs] for xs in (pd.A, pd.B, pd.ref_A, pd.ref_B))
+    kw = dict(weights=p.weights, align="AB", lam=0.5, return_rotations=True)
+    got = fedrot_ext.align_and_aggregate(A, B, ref_A=ref_A, ref_B=ref_B, **kw)
+    want = reference.align_and_aggregate(p.A, p.B, ref_A=p.ref_A, ref_B=p.ref_B, **kw)
+    cond = conditioning(p.A, p.B, p.ref_A, p.ref_B, "AB", 0.5)
+    assert_matches_reference(got, want, torch.bfloat16, cond=cond, seed=p.seed, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
