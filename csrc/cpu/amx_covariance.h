@@ -1,5 +1,5 @@
 // bf16 covariances M = Σ_t x_t y_tᵀ on AMX: 16 × 16 fp32 tiles of bf16 products, 32 values of t
-// per product, against 16 x 16 widened FMAs per value of t on AVX-512. Tile products take their
+// per product, against 16 × 16 widened FMAs per value of t on AVX-512. Tile products take their
 // second operand as words (v[t], v[t + 1]) along its rows: the reference, which every client of a
 // layer shares, is laid out once per layer; a client's A factor (t contiguous) is the first operand
 // as it lies in memory, a client's B factor (j contiguous) is paired once (one shuffle per two rows).
