@@ -352,20 +352,24 @@ void covariance_j_contiguous(const scalar_t* x, int64_t sx, const scalar_t* y, i
   }
 }
 
+// Whether v's client and reference are both t-contiguous (A layout) or both j-contiguous (B).
+inline bool t_contiguous_pair(const FactorView& v) { return v.stride_t == 1 && v.ref_stride_t == 1; }
+inline bool j_contiguous_pair(const FactorView& v) { return v.stride_j == 1 && v.ref_stride_j == 1; }
+
 // M += X_iᵀ Y over all rows of one view (M is R × R, zero-padded).
 template <typename scalar_t, typename acc_t, int R>
 void accumulate_covariance(const FactorView& v, int64_t client, int n, acc_t* M) {
   const scalar_t* x = static_cast<const scalar_t*>(v.x) + client * v.client_stride;
   const scalar_t* y = static_cast<const scalar_t*>(v.ref);
-  if (v.stride_t == 1 && v.ref_stride_t == 1) {
+  if (t_contiguous_pair(v)) {
     if constexpr (kTransposedCovariance<acc_t, R>)
       return covariance_t_transposed<scalar_t, acc_t, R>(x, v.stride_j, y, v.ref_stride_j, v.rows, n, M);
     else
       return covariance_t_contiguous<scalar_t, acc_t, R>(x, v.stride_j, y, v.ref_stride_j, v.rows, n, M);
   }
-  if (v.stride_j == 1 && v.ref_stride_j == 1 && n == R)
+  if (j_contiguous_pair(v) && n == R)
     return covariance_j_contiguous_full<scalar_t, acc_t, R>(x, v.stride_t, y, v.ref_stride_t, v.rows, M);
-  if (v.stride_j == 1 && v.ref_stride_j == 1)
+  if (j_contiguous_pair(v))
     return covariance_j_contiguous<scalar_t, acc_t, R>(x, v.stride_t, y, v.ref_stride_t, v.rows, n, M);
   alignas(64) acc_t xb[kChunkRows][R] = {};
   alignas(64) acc_t yb[kChunkRows][R] = {};
@@ -415,10 +419,6 @@ struct CovarianceTiles {
   int64_t layer[2] = {-1, -1};
   std::vector<uint32_t> ref[2], client;
 };
-
-// Whether v's client and reference are both t-contiguous (A layout) or both j-contiguous (B).
-inline bool t_contiguous_pair(const FactorView& v) { return v.stride_t == 1 && v.ref_stride_t == 1; }
-inline bool j_contiguous_pair(const FactorView& v) { return v.stride_j == 1 && v.ref_stride_j == 1; }
 
 // M += X_iᵀ Y for view f of `client` by tile_covariance, where its shapes allow (false: not done).
 // A layout: the client's rows are the first operand, the paired reference (pair_rows_t) the second;
@@ -1078,17 +1078,16 @@ bool layers_balance(const GroupParams& p) {
 // Both passes for one rank bucket; the tables stay on the host.
 void run_group_cpu(const GroupTables& t, GroupParams p, int bucket, const at::Tensor& first,
                    const at::Tensor& weights) {
-  const int64_t R = bucket;
-  const bool pairs = kAmxBuilt && first.scalar_type() == at::kBFloat16 && R >= 16;  // kAmxBucket
-  const at::Tensor coef = at::empty({int64_t(t.layers.size()) * p.num_clients * R * R * (pairs ? 3 : 1)}, weights.options());
   p.views = t.views.data();
   p.layers = t.layers.data();
-  p.coef = coef.data_ptr();
   dispatch_float_types(first.scalar_type(), [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
     using acc_t = acc_type_t<scalar_t>;
     dispatch_rank_bucket(bucket, [&](auto rank) {
       constexpr int R = decltype(rank)::value;
+      const int64_t coefs = int64_t(t.layers.size()) * p.num_clients * R * R * (kAmxBucket<scalar_t, R> ? 3 : 1);
+      const at::Tensor coef = at::empty({coefs}, weights.options());  // client_coef, client_coef_pairs
+      p.coef = coef.data_ptr();
       if (layers_balance(p)) return layer_pass<scalar_t, acc_t, R>(p);
       rotations_pass<scalar_t, acc_t, R>(p);
       aggregate_pass<scalar_t, acc_t, R>(p);
