@@ -15,6 +15,7 @@ def _cells(r: dict) -> dict:
         "vs_c": f"{r['speedup_vs_batched']:.2f}x" if "speedup_vs_batched" in r else "-",
         "mem": "n/a" if r.get("peak_extra_bytes") is None else f"{r['peak_extra_bytes'] / 2**20:.1f}",
         "err": f"{r['err_vs_ref']:.1e}" if "err_vs_ref" in r else "-",
+        "own": f"{100 * r['floor_frac_dtype_gemm']:.0f}" if "floor_frac_dtype_gemm" in r else "-",
         "note": f"extrapolated from {r['layers_run']}/{r['layers']} layers" if r.get("extrapolated") else "",
     }
 
@@ -22,7 +23,7 @@ def _cells(r: dict) -> dict:
 def fmt_table(rows: List[dict]) -> str:
     """Header, rule, then one line a row (fmt_table([]) is the header alone, printed before the first config)."""
     head = (f"{'config':32} {'impl':12} {'median ms':>10} {'±iqr%':>6} {'vs (b)':>7} {'vs (c)':>7} {'GB/s':>7} "
-            f"{'%copy':>6} {'GFLOP/s':>8} {'%floor':>6} {'peak MiB':>9} {'err':>8}  note")
+            f"{'%copy':>6} {'GFLOP/s':>8} {'%floor':>6} {'%fl-dt':>6} {'peak MiB':>9} {'err':>8}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
@@ -31,7 +32,7 @@ def fmt_table(rows: List[dict]) -> str:
         c = _cells(r)
         lines.append(
             f"{r['config']:32} {LABEL[r['impl']]:12} {r['median_ms']:10.3f} {r['iqr_pct']:6.1f} {c['vs_b']:>7} {c['vs_c']:>7} "
-            f"{r['GBps']:7.2f} {100 * r['copy_frac']:6.1f} {r['GFLOPs']:8.2f} {100 * r['floor_frac']:6.1f} "
+            f"{r['GBps']:7.2f} {100 * r['copy_frac']:6.1f} {r['GFLOPs']:8.2f} {100 * r['floor_frac']:6.1f} {c['own']:>6} "
             f"{c['mem']:>9} {c['err']:>8}  {c['note']}"
         )
     return "\n".join(lines)
@@ -65,23 +66,28 @@ def markdown(paths: List[str]) -> str:
         for r in json.loads(Path(path).read_text())["rows"]:
             merged[(r["config"], r["impl"])] = r
     lines = ["| config | impl | median ms | vs (b) | vs (c) | GB/s | % copy BW | GFLOP/s | roofline ms | % of roofline "
-             "| peak extra MiB | err vs fp64 | others' CPU | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| % of roofline, GEMM in its dtype | peak extra MiB | err vs fp64 | others' CPU | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in merged.values():
         if "skipped" in r:
-            lines.append(f"| {r['config']} | {LABEL[r['impl']]} | skipped: {r['skipped']} | | | | | | | | | | | |")
+            lines.append(f"| {r['config']} | {LABEL[r['impl']]} | skipped: {r['skipped']} | | | | | | | | | | | | |")
             continue
         c = _cells(r)
         note = "(b) " + c["note"] if c["note"] else ""
         lines.append(f"| {r['config']} | {LABEL[r['impl']]} | {r['median_ms']:.2f} | {c['vs_b']} | {c['vs_c']} | {r['GBps']:.2f} | "
                      f"{100 * r['copy_frac']:.1f} | {r['GFLOPs']:.1f} | {r['floor_ms']:.2f} | {100 * r['floor_frac']:.0f} | "
-                     f"{c['mem']} | {c['err']} | {_busy(r)} | {note} |")
+                     f"{c['own']} | {c['mem']} | {c['err']} | {_busy(r)} | {note} |")
     return "\n".join(lines)
+
+
+def _span(values: List[float]) -> str:
+    return f"{min(values):.0f}–{max(values):.0f} %" if values else "-"
 
 
 def summary(paths: List[str]) -> str:
     """Markdown: per align mode, model and dtype, the fused op's worst and median speed-up over batched
-    PyTorch, how many configs reach 1.5x, and its fraction of the roofline at r >= 16 (range, and how many reach 50 %)."""
+    PyTorch, how many configs reach 1.5x, and its fraction of the roofline at r >= 16 (range, and how many reach 50 %),
+    with the fp32 GEMM rate, then with the GEMM rate in the rows' dtype ("-" where the run did not measure it)."""
     groups: Dict[tuple, List[dict]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -89,14 +95,16 @@ def summary(paths: List[str]) -> str:
             if r["impl"] == "fused" and "skipped" not in r and "speedup_vs_batched" in r:
                 groups.setdefault((data["args"]["align"], r["model"], r["dtype"]), []).append(r)
     lines = ["| align | shapes | dtype | configs | fused vs batched: worst (config) | median | >= 1.5x | % of roofline at r >= 16 "
-             "| r >= 16 at >= 50 % |",
-             "|---|---|---|---:|---|---:|---:|---|---:|"]
+             "| r >= 16 at >= 50 % | % of roofline at r >= 16, GEMM in its dtype | r >= 16 at >= 50 %, GEMM in its dtype |",
+             "|---|---|---|---:|---|---:|---:|---|---:|---|---:|"]
     for (align, model, dtype), rows in groups.items():
         ratios = sorted(r["speedup_vs_batched"] for r in rows)
         worst = min(rows, key=lambda r: r["speedup_vs_batched"])
         roof = [100 * r["floor_frac"] for r in rows if r["r"] >= 16]
-        roof_cell = f"{min(roof):.0f}–{max(roof):.0f} %" if roof else "-"
+        own = [100 * r["floor_frac_dtype_gemm"] for r in rows if r["r"] >= 16 and "floor_frac_dtype_gemm" in r]
+        own = own if len(own) == len(roof) else []
         lines.append(f"| {align} | {model} | {dtype} | {len(rows)} | {worst['speedup_vs_batched']:.2f}x "
                      f"(N = {worst['N']}, r = {worst['r']}) | {ratios[len(ratios) // 2]:.2f}x | "
-                     f"{sum(x >= 1.5 for x in ratios)}/{len(ratios)} | {roof_cell} | {sum(x >= 50 for x in roof)}/{len(roof)} |")
+                     f"{sum(x >= 1.5 for x in ratios)}/{len(ratios)} | {_span(roof)} | {sum(x >= 50 for x in roof)}/{len(roof)} | "
+                     f"{_span(own)} | {f'{sum(x >= 50 for x in own)}/{len(own)}' if own else '-'} |")
     return "\n".join(lines)

@@ -86,12 +86,24 @@ def samples_ms(times: List[float]) -> dict:
     return {"deciles_ms": [ms[round(q * (len(ms) - 1) / 10)] for q in range(11)]}
 
 
-def rates(moved: int, fl: int, med: float, ceil: dict) -> dict:
-    """Bandwidth, FLOP rate, and the roofline floor (time at the copy or GEMM ceiling, whichever binds)."""
+# The GEMM ceiling in a row's own dtype (floor_*_dtype_gemm); floor_ms / floor_frac always take fp32's.
+DTYPE_GEMM = {"fp32": "mm_GFLOPs", "bf16": "mm_bf16_GFLOPs"}
+
+
+def rates(moved: int, fl: int, med: float, ceil: dict, dtype: str) -> dict:
+    """Bandwidth, FLOP rate, and the roofline floor (time at the copy or GEMM ceiling, whichever binds),
+    with the fp32 GEMM rate and, where it was measured, the GEMM rate in the row's dtype."""
     gbps = moved / med / 1e9
-    floor_s = max(moved / (ceil["copy_GBps"] * 1e9), fl / (ceil["mm_GFLOPs"] * 1e9))
-    return {"GBps": gbps, "copy_frac": gbps / ceil["copy_GBps"], "GFLOPs": fl / med / 1e9,
-            "floor_ms": floor_s * 1e3, "floor_frac": floor_s / med}
+
+    def floor_s(gemm: str) -> float:
+        return max(moved / (ceil["copy_GBps"] * 1e9), fl / (ceil[gemm] * 1e9))
+
+    out = {"GBps": gbps, "copy_frac": gbps / ceil["copy_GBps"], "GFLOPs": fl / med / 1e9,
+           "floor_ms": floor_s("mm_GFLOPs") * 1e3, "floor_frac": floor_s("mm_GFLOPs") / med}
+    if DTYPE_GEMM.get(dtype) in ceil:
+        own = floor_s(DTYPE_GEMM[dtype])
+        out.update(floor_ms_dtype_gemm=own * 1e3, floor_frac_dtype_gemm=own / med)
+    return out
 
 
 def run_config(cfg: Config, args, device: torch.device, ceil: dict) -> List[dict]:
@@ -144,7 +156,7 @@ def run_config(cfg: Config, args, device: torch.device, ceil: dict) -> List[dict
         row.update(median_ms=med * 1e3, iqr_pct=stats["iqr_pct"], repeats=len(times), **samples_ms(times))
         if scale != 1.0:
             row.update(extrapolated=True, layers_run=n_layers)
-        row.update(rates(moved, fl, med, here))
+        row.update(rates(moved, fl, med, here, cfg.dtype))
         row["peak_extra_bytes"] = peak_extra_bytes(lambda: call(0), device)
         if ref is not None:
             row["err_vs_ref"] = rel_err(caller(impl, n_ref)(0), ref)
@@ -240,7 +252,7 @@ def main(argv=None) -> int:
         machine.wait_quiet(args.quiet_below, args.wait_quiet)
     ceil = machine.ceilings(device, args.copy_mib, args.mm_size)
     print(f"# {info.get('gpu', info['cpu'])}, torch {info['torch']}, {info['threads']} threads, "
-          f"copy {ceil['copy_GBps']:.1f} GB/s (clone {ceil['clone_GBps']:.1f}), fp32 matmul {ceil['mm_GFLOPs']:.0f} GFLOP/s, "
+          f"copy {ceil['copy_GBps']:.1f} GB/s (clone {ceil['clone_GBps']:.1f}), matmul fp32 {ceil['mm_GFLOPs']:.0f} / bf16 {ceil['mm_bf16_GFLOPs']:.0f} GFLOP/s, "
           f"align={args.align} lam={args.lam}", flush=True)
 
     print(report.fmt_table([]), flush=True)
@@ -257,7 +269,7 @@ def main(argv=None) -> int:
                 r["others_busy_before"] = busy
         rows += cfg_rows
         here = cfg_rows[0].get("ceilings")
-        now = f"; copy {here['copy_GBps']:.1f} GB/s, matmul {here['mm_GFLOPs']:.0f} GFLOP/s" if here else ""
+        now = f"; copy {here['copy_GBps']:.1f} GB/s, matmul fp32 {here['mm_GFLOPs']:.0f} / bf16 {here.get('mm_bf16_GFLOPs', 0):.0f} GFLOP/s" if here else ""
         print(report.fmt_table(cfg_rows).split("\n", 2)[2], f"  [{time.perf_counter() - t0:.0f} s{now}]", flush=True)
         info["loadavg_end"] = os.getloadavg()
         out_path.parent.mkdir(parents=True, exist_ok=True)  # rewritten after every config: a killed run keeps its rows

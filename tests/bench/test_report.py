@@ -1,6 +1,8 @@
 """bench/report.py tables from real run_bench.py outputs on the tiny config (structure, never timings)."""
 import json
 
+import pytest
+
 from bench import report, run_bench
 
 
@@ -26,8 +28,21 @@ def test_summary_and_markdown_report_every_config_with_its_roofline(tmp_path):
         assert cells[7].endswith("%")  # r = 16 is in: a roofline fraction is reported
         r16 = next(r for r in (rows[:2] if align == "A" else rows[2:]) if r["r"] == 16)
         assert cells[8] == f"{int(r16['floor_frac'] >= 0.5)}/1"
+        assert cells[9:11] == cells[7:9]  # fp32 rows: the GEMM in their dtype is the fp32 one
     table = report.markdown(paths[:1])
-    assert "| roofline ms | % of roofline |" in table
+    assert "| roofline ms | % of roofline | % of roofline, GEMM in its dtype |" in table
     fused = next(line for line in table.splitlines() if line.startswith("| tiny_N3_r16_fp32 | fused (a) |"))
     row = next(r for r in rows[:2] if r["config"] == "tiny_N3_r16_fp32")
-    assert f"| {row['floor_ms']:.2f} | {100 * row['floor_frac']:.0f} |" in fused
+    assert f"| {row['floor_ms']:.2f} | {100 * row['floor_frac']:.0f} | {100 * row['floor_frac_dtype_gemm']:.0f} |" in fused
+
+
+def test_rates_judge_bf16_rows_against_both_gemm_rates():
+    ceil = {"copy_GBps": 10.0, "mm_GFLOPs": 100.0, "mm_bf16_GFLOPs": 400.0}
+    moved, flops, med = 10**8, 2 * 10**9, 0.05  # 10 ms at the copy ceiling; 20 ms fp32 GEMM, 5 ms bf16
+    bf16 = run_bench.rates(moved, flops, med, ceil, "bf16")
+    assert bf16["floor_ms"] == pytest.approx(20.0) and bf16["floor_frac"] == pytest.approx(0.4)
+    assert bf16["floor_ms_dtype_gemm"] == pytest.approx(10.0)  # bytes bind once the GEMM is 4x faster
+    assert bf16["floor_frac_dtype_gemm"] == pytest.approx(0.2)
+    fp32 = run_bench.rates(moved, flops, med, ceil, "fp32")
+    assert fp32["floor_frac_dtype_gemm"] == fp32["floor_frac"] == pytest.approx(0.4)
+    assert "floor_frac_dtype_gemm" not in run_bench.rates(moved, flops, med, ceil, "fp16")  # no fp16 probe
