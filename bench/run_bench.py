@@ -86,22 +86,21 @@ def samples_ms(times: List[float]) -> dict:
     return {"deciles_ms": [ms[round(q * (len(ms) - 1) / 10)] for q in range(11)]}
 
 
-# The GEMM ceiling in a row's own dtype (floor_*_dtype_gemm); floor_ms / floor_frac always take fp32's.
-DTYPE_GEMM = {"fp32": "mm_GFLOPs", "bf16": "mm_bf16_GFLOPs"}
-
-
 def rates(moved: int, fl: int, med: float, ceil: dict, dtype: str) -> dict:
     """Bandwidth, FLOP rate, and the roofline floor (time at the copy or GEMM ceiling, whichever binds),
-    with the fp32 GEMM rate and, where it was measured, the GEMM rate in the row's dtype."""
+    with the fp32 GEMM rate (floor_ms, floor_frac) and, where it was measured, the GEMM rate in the
+    row's dtype (floor_ms_dtype_gemm, floor_frac_dtype_gemm; machine.GEMM_PROBES)."""
     gbps = moved / med / 1e9
 
     def floor_s(gemm: str) -> float:
         return max(moved / (ceil["copy_GBps"] * 1e9), fl / (ceil[gemm] * 1e9))
 
+    fp32 = floor_s(machine.GEMM_PROBES["fp32"][0])
     out = {"GBps": gbps, "copy_frac": gbps / ceil["copy_GBps"], "GFLOPs": fl / med / 1e9,
-           "floor_ms": floor_s("mm_GFLOPs") * 1e3, "floor_frac": floor_s("mm_GFLOPs") / med}
-    if DTYPE_GEMM.get(dtype) in ceil:
-        own = floor_s(DTYPE_GEMM[dtype])
+           "floor_ms": fp32 * 1e3, "floor_frac": fp32 / med}
+    own_key = machine.GEMM_PROBES.get(dtype, (None,))[0]
+    if own_key in ceil:
+        own = floor_s(own_key)
         out.update(floor_ms_dtype_gemm=own * 1e3, floor_frac_dtype_gemm=own / med)
     return out
 
@@ -269,7 +268,7 @@ def main(argv=None) -> int:
                 r["others_busy_before"] = busy
         rows += cfg_rows
         here = cfg_rows[0].get("ceilings")
-        now = f"; copy {here['copy_GBps']:.1f} GB/s, matmul fp32 {here['mm_GFLOPs']:.0f} / bf16 {here.get('mm_bf16_GFLOPs', 0):.0f} GFLOP/s" if here else ""
+        now = f"; copy {here['copy_GBps']:.1f} GB/s, matmul fp32 {here['mm_GFLOPs']:.0f} / bf16 {here['mm_bf16_GFLOPs']:.0f} GFLOP/s" if here else ""
         print(report.fmt_table(cfg_rows).split("\n", 2)[2], f"  [{time.perf_counter() - t0:.0f} s{now}]", flush=True)
         info["loadavg_end"] = os.getloadavg()
         out_path.parent.mkdir(parents=True, exist_ok=True)  # rewritten after every config: a killed run keeps its rows
