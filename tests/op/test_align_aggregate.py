@@ -254,7 +254,8 @@ def test_weights_are_normalised_and_accept_common_types(device):
 def test_cpu_layer_by_layer_and_two_pass_schedules_agree_bitwise():
     """The CPU runs both passes layer by layer when each thread gets >= 4 times the rows of the largest
     layer, else as two passes over all layers: these 6 layers of one rank bucket hold 28 row chunks of 64,
-    at most 5 in a layer, so 1 thread takes the first schedule and 2 and 3 threads the second."""
+    at most 5 in a layer, so 1 thread takes the first schedule (where each layer's aggregation
+    prefetches the next layer's clients and references) and 2 and 3 threads the second."""
     p = make_problem([(16, 131, 77), (13, 70, 140), (16, 100, 101)] * 2, n_clients=5, seed=21)
     A = [p.A[l].transpose(1, 2).contiguous().transpose(1, 2) if l == 4 else p.A[l] for l in range(6)]  # a strided view too
     kw = dict(ref_A=p.ref_A, ref_B=p.ref_B, weights=p.weights, align="AB", lam=0.5, return_rotations=True)
@@ -293,7 +294,8 @@ def test_cpu_client_at_a_time_aggregation_agrees_bitwise(dtype, align, ranks):
     all clients in one go. Same FMAs (or, bf16 on AMX, tile products) in the same order: bitwise
     equal. Odd ranks, in/out not multiples of the tiles, and a strided A (layer 2, by row chunks in
     both) are covered. Each align mode, since it sets which view goes first and what the kernels
-    prefetch meanwhile."""
+    prefetch meanwhile (with 1 thread, the last client group of each layer also prefetches the next
+    layer's first covariance inputs)."""
     p = make_problem(CLIENT_AT_A_TIME_SHAPES[ranks], n_clients=8, dtype=dtype, seed=23, rotations="small")
     A = [p.A[l].transpose(1, 2).contiguous().transpose(1, 2) if l == 2 else p.A[l] for l in range(4)]
     kw = dict(ref_A=p.ref_A, ref_B=p.ref_B, weights=p.weights, align=align, lam=0.5)
