@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-LABEL = {"fused": "fused (a)", "loop": "loop (b)", "batched": "batched (c)"}
+LABEL = {"fused": "fused (a)", "loop": "loop (b)", "batched": "batched (c)", "batched_native": "native (c')"}
 
 
 def _cells(r: dict) -> dict:
@@ -16,7 +16,9 @@ def _cells(r: dict) -> dict:
         "mem": "n/a" if r.get("peak_extra_bytes") is None else f"{r['peak_extra_bytes'] / 2**20:.1f}",
         "err": f"{r['err_vs_ref']:.1e}" if "err_vs_ref" in r else "-",
         "own": f"{100 * r['floor_frac_dtype_gemm']:.0f}" if "floor_frac_dtype_gemm" in r else "-",
-        "note": f"extrapolated from {r['layers_run']}/{r['layers']} layers" if r.get("extrapolated") else "",
+        "note": "; ".join(
+            ([f"vs (c') {r['speedup_vs_batched_native']:.2f}x"] if "speedup_vs_batched_native" in r else [])
+            + ([f"extrapolated from {r['layers_run']}/{r['layers']} layers"] if r.get("extrapolated") else [])),
     }
 
 

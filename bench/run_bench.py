@@ -5,7 +5,9 @@
     python bench/run_bench.py --configs 'roberta*_N10_*_fp32' --impls fused,batched
 
 Implementations: fused = fedrot_ext.align_and_aggregate, loop = (b)
-bench.torch_impls.authors_loop, batched = (c) bench.torch_impls.torch_batched.
+bench.torch_impls.authors_loop, batched = (c) bench.torch_impls.torch_batched;
+on request (--impls), batched_native = (c') torch_batched_native, every GEMM in
+the storage dtype (faster bf16 GEMMs, bf16-rounded M_i and coefficients).
 How calls are timed and memory measured: bench/timing.py; the machine's
 ceilings: bench/machine.py; the tables: bench/report.py. When one input set
 fits in the last-level cache (CPU L3, GPU L2), the calls rotate through several
@@ -53,12 +55,13 @@ from bench import machine, report, shapes
 from bench.accuracy import expected, rel_err
 from bench.shapes import Config, Inputs
 from bench.timing import count_launches, peak_extra_bytes, spread, time_calls, time_interleaved
-from bench.torch_impls import authors_loop, torch_batched
+from bench.torch_impls import authors_loop, torch_batched, torch_batched_native
 
 IMPLS: Dict[str, Callable] = {
     "fused": fedrot_ext.align_and_aggregate,
     "batched": torch_batched,
     "loop": authors_loop,
+    "batched_native": torch_batched_native,
 }
 
 
@@ -170,7 +173,7 @@ def run_config(cfg: Config, args, device: torch.device, ceil: dict) -> List[dict
 
     by = {r["impl"]: r for r in rows}
     for row in rows:
-        for other in ("loop", "batched"):
+        for other in ("loop", "batched", "batched_native"):
             if other in by:
                 row[f"speedup_vs_{other}"] = by[other]["median_ms"] / row["median_ms"]
     del sets, inp
@@ -185,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(shapes.QUICK)}")
     p.add_argument("--configs", default=None, help="comma-separated globs over config ids, e.g. 'roberta*_N10_*'")
-    p.add_argument("--impls", default="fused,batched,loop", help="comma-separated subset of fused,batched,loop")
+    p.add_argument("--impls", default="fused,batched,loop", help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--out", default=None, help="JSON output path (default results/bench_<device>.json)")
     p.add_argument("--align", default="A", choices=["A", "B", "AB", "none"])
     p.add_argument("--lam", type=float, default=0.5)

@@ -15,6 +15,13 @@ float64 for float64 input). Only the work differs:
     the rotated weighted average of each factor as a single GEMM whose inner
     dimension runs over (client, rank), so Σ_i w_i R_iᵀ A_i never
     materialises the rotated factors. No host synchronisation.
+(c') ``torch_batched_native``: (c) with every GEMM in the storage dtype, as
+    ten lines that never upcast would run it. For bf16/fp16 on a CPU that is
+    a low-precision GEMM with a low-precision result (CPU ``torch.mm`` has no
+    fp32 output for bf16 inputs), so the M_i and the coefficients w_i R_i
+    round to bf16 before use: faster where the CPU has bf16 dot products, far
+    less accurate. A point of comparison, not a baseline: the rotations and
+    weights it uses are not those of the other implementations.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import torch
 
 from fedrot_ext._types import ALIGN_MODES, Aggregate
 
-__all__ = ["authors_loop", "torch_batched"]
+__all__ = ["authors_loop", "torch_batched", "torch_batched_native"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,16 +118,19 @@ def authors_loop(
 # (c) batched PyTorch
 # ----------------------------------------------------------------------------
 
-def _mm(x: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def _mm(x: torch.Tensor, y: torch.Tensor, acc: torch.dtype, native: bool = False) -> torch.Tensor:
     """x @ y accumulated and returned in `acc` whatever the storage dtype.
 
     CUDA: native low-precision GEMM with an fp32 output (out_dtype). CPU:
     upcast first; skinny bf16/fp16 GEMMs run 10-40x slower than fp32 on CPUs
     without native bf16 units (measured here on AVX2), and the upcast is one
-    cheap pass.
+    cheap pass. native (c'): one GEMM in the storage dtype, its result in it.
     """
     if x.dtype == acc and y.dtype == acc:
         return x @ y
+    if native:
+        low = x.dtype if x.dtype != acc else y.dtype
+        return (x.to(low) @ y.to(low)).to(acc)
     if x.is_cuda:
         low = x.dtype if x.dtype != acc else y.dtype  # the big operand stays in storage dtype
         x, y = x.to(low), y.to(low)
@@ -154,12 +164,12 @@ def _rotations(M: torch.Tensor, lam: float, allow_reflection: bool) -> torch.Ten
     return torch.where(degenerate[:, None, None], eye, R)
 
 
-def _aggregate_B(b: torch.Tensor, wR: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """Σ_i b_i (w_i R_i) for b (N, out, r), wR (N, r, r), in `acc`."""
+def _aggregate_B(b: torch.Tensor, wR: torch.Tensor, acc: torch.dtype, native: bool = False) -> torch.Tensor:
+    """Σ_i b_i (w_i R_i) for b (N, out, r), wR (N, r, r), in `acc` (native: see _mm)."""
     N, out, r = b.shape
-    if b.is_cuda:
+    if b.is_cuda or (native and b.dtype != acc):
         # One transpose copy of B, then one GEMM with inner dimension N·r.
-        return _mm(b.permute(1, 0, 2).reshape(out, N * r), wR.reshape(N * r, r), acc)
+        return _mm(b.permute(1, 0, 2).reshape(out, N * r), wR.reshape(N * r, r), acc, native)
     # CPU: in-place GEMM accumulation per client reads B once with no copy
     # (fastest of bmm+sum, permute+mm, einsum and this loop on this machine).
     agg = torch.zeros(out, r, dtype=acc, device=b.device)
@@ -179,8 +189,9 @@ def torch_batched(
     lam: float = 0.5,
     allow_reflection: bool = False,
     return_rotations: bool = False,
+    native: bool = False,
 ) -> Aggregate:
-    """Baseline (c): batched PyTorch, one SVD call (two for λ < 1) per rank group."""
+    """Baseline (c): batched PyTorch, one SVD call (two for λ < 1) per rank group (native: (c'))."""
     use_A, use_B, N, dtype, device, acc, w = _setup(A, weights, align, lam)
     L = len(A)
 
@@ -198,9 +209,9 @@ def torch_batched(
         for l in layers:
             M = torch.zeros(N * r, r, dtype=acc, device=device)
             if use_A:
-                M = M + _mm(A[l].reshape(N * r, -1), ref_A[l].T, acc)
+                M = M + _mm(A[l].reshape(N * r, -1), ref_A[l].T, acc, native)
             if use_B:  # M_i = B_iᵀ B̄ = (B̄ᵀ B_i)ᵀ
-                M = M + _mm(B[l].transpose(1, 2).reshape(N * r, -1), ref_B[l], acc)
+                M = M + _mm(B[l].transpose(1, 2).reshape(N * r, -1), ref_B[l], acc, native)
             Ms.append(M.reshape(N, r, r))
         # 2. One batched polar decomposition per rank group.
         R = _rotations(torch.cat(Ms), lam, allow_reflection).reshape(len(layers), N, r, r)
@@ -214,6 +225,11 @@ def torch_batched(
         r = A[l].shape[1]
         wR = w[:, None, None] * rots[l]  # (N, r, r)
         left = wR.permute(2, 0, 1).reshape(r, N * r)  # [k, (i, j)] = w_i R_i[j, k]
-        out_A.append(_mm(left, A[l].reshape(N * r, -1), acc).to(dtype))
-        out_B.append(_aggregate_B(B[l], wR, acc).to(dtype))
+        out_A.append(_mm(left, A[l].reshape(N * r, -1), acc, native).to(dtype))
+        out_B.append(_aggregate_B(B[l], wR, acc, native).to(dtype))
     return Aggregate(out_A, out_B, [R.contiguous() for R in rots] if return_rotations else None)
+
+
+def torch_batched_native(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], **kwargs) -> Aggregate:
+    """(c'): torch_batched with every GEMM in the storage dtype (the module docstring says why)."""
+    return torch_batched(A, B, **kwargs, native=True)

@@ -36,6 +36,20 @@ def test_summary_and_markdown_report_every_config_with_its_roofline(tmp_path):
     assert f"| {row['floor_ms']:.2f} | {100 * row['floor_frac']:.0f} | {100 * row['floor_frac_dtype_gemm']:.0f} |" in fused
 
 
+def test_native_variant_rows_name_it_and_their_ratio_to_it(tmp_path):
+    out = tmp_path / "native.json"
+    argv = ["--configs", "tiny_N3_r4_bf16", "--impls", "fused,batched,batched_native", "--warmup", "0", "--repeats", "3",
+            "--min-time", "0", "--copy-mib", "8", "--mm-size", "128", "--out", str(out)]
+    assert run_bench.main(argv) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fused", "batched", "batched_native"}
+    fused = rows["fused"]
+    assert fused["speedup_vs_batched_native"] == rows["batched_native"]["median_ms"] / fused["median_ms"]
+    lines = report.fmt_table(list(rows.values())).splitlines()
+    assert lines[2 + 2].startswith("tiny_N3_r4_bf16                  native (c')")
+    assert f"vs (c') {fused['speedup_vs_batched_native']:.2f}x" in lines[2]
+
+
 def test_rates_judge_bf16_rows_against_both_gemm_rates():
     ceil = {"copy_GBps": 10.0, "mm_GFLOPs": 100.0, "mm_bf16_GFLOPs": 400.0}
     moved, flops, med = 10**8, 2 * 10**9, 0.05  # 10 ms at the copy ceiling; 20 ms fp32 GEMM, 5 ms bf16

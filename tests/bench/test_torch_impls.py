@@ -3,7 +3,8 @@
 (b) authors_loop and (c) torch_batched are checked against the float64 reference on seeded,
 well-conditioned problems (clients = the reference rotated by moderate random rotations, plus
 noise) with mixed layer shapes and ranks, every align mode, hard / soft / no rotation, reflections
-and degenerate references; tolerances follow each problem's conditioning.
+and degenerate references; tolerances follow each problem's conditioning. (c') torch_batched_native
+is (c) at full precision, and otherwise runs its GEMMs, results included, in the storage dtype.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 
 import fedrot_ext
 from bench import shapes
-from bench.torch_impls import authors_loop, torch_batched
+from bench import torch_impls
+from bench.torch_impls import authors_loop, torch_batched, torch_batched_native
 from fedrot_ext import reference
 from helpers.problems import EPS, WELL_POSED, conditioning, make_problem, rel_err
 
@@ -99,3 +101,35 @@ def test_impls_agree_with_fused_op_on_bench_inputs():
         assert_close(impl(inp.A, inp.B, **kw), want, torch.bfloat16, cond=cond, seed=seed, check_rotations=False)
     fused = fedrot_ext.align_and_aggregate(inp.A, inp.B, **kw)
     assert_close(fused, want, torch.bfloat16, cond=cond, seed=seed, check_rotations=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("align", ["A", "B", "AB"])
+def test_native_variant_is_the_batched_one_at_full_precision(dtype, align):
+    seed = 11
+    p = problem(dtype, seed)
+    kw = dict(ref_A=p.ref_A, ref_B=p.ref_B, weights=p.weights, align=align, lam=0.5, return_rotations=True)
+    a, b = torch_batched(p.A, p.B, **kw), torch_batched_native(p.A, p.B, **kw)
+    for i, (x, y) in enumerate(zip(a.A + a.B + a.rotations, b.A + b.B + b.rotations)):
+        assert torch.equal(x, y), f"output {i}, {dtype}, align {align}, seed={seed}"
+
+
+@pytest.mark.parametrize("align", ["A", "B"])
+def test_native_variant_rounds_every_gemm_to_bf16(align):
+    """M_i is a bf16 GEMM with a bf16 result; the aggregates are bf16 GEMMs by bf16-rounded w_i R_i."""
+    seed = 12
+    p = problem(torch.bfloat16, seed)
+    kw = dict(ref_A=p.ref_A, ref_B=p.ref_B, weights=p.weights, align=align, lam=0.5, return_rotations=True)
+    out = torch_batched_native(p.A, p.B, **kw)
+    w = torch.as_tensor(p.weights, dtype=torch.float32)
+    w = w / w.sum()
+    for l, (a, b) in enumerate(zip(p.A, p.B)):
+        N, r, _ = a.shape
+        x = a.reshape(N * r, -1) @ p.ref_A[l].T if align == "A" else b.transpose(1, 2).reshape(N * r, -1) @ p.ref_B[l]
+        assert x.dtype == torch.bfloat16
+        R = torch_impls._rotations(x.float().reshape(N, r, r), 0.5, False)
+        assert torch.equal(out.rotations[l], R), f"layer {l}, align {align}, seed={seed}"
+        wR = (w[:, None, None] * R).to(torch.bfloat16)
+        want_A = wR.permute(2, 0, 1).reshape(r, N * r) @ a.reshape(N * r, -1)
+        want_B = b.permute(1, 0, 2).reshape(b.shape[1], N * r) @ wR.reshape(N * r, r)
+        assert torch.equal(out.A[l], want_A) and torch.equal(out.B[l], want_B), f"layer {l}, align {align}, seed={seed}"
