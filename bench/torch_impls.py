@@ -128,11 +128,10 @@ def _mm(x: torch.Tensor, y: torch.Tensor, acc: torch.dtype, native: bool = False
     """
     if x.dtype == acc and y.dtype == acc:
         return x @ y
+    low = x.dtype if x.dtype != acc else y.dtype  # the big operand's storage dtype
     if native:
-        low = x.dtype if x.dtype != acc else y.dtype
         return (x.to(low) @ y.to(low)).to(acc)
     if x.is_cuda:
-        low = x.dtype if x.dtype != acc else y.dtype  # the big operand stays in storage dtype
         x, y = x.to(low), y.to(low)
         try:
             return torch.mm(x, y, out_dtype=acc)

@@ -970,10 +970,14 @@ int64_t client_group(const GroupParams& p, int64_t l) {
   return std::max<int64_t>(1, l2_budget_bytes() * p.num_clients / layer_client_bytes<scalar_t>(p, l));
 }
 
+// Whether a (rows × n) view with these strides is one dense block (A or B layout).
+inline bool dense_block(int64_t stride_t, int64_t stride_j, int64_t rows, int n) {
+  return (stride_t == 1 && stride_j == rows) || (stride_j == 1 && stride_t == n);
+}
+
 // Whether v's clients are one dense range (client after client, no gaps).
 bool dense_clients(const FactorView& v, int n) {
-  const bool dense = (v.stride_t == 1 && v.stride_j == v.rows) || (v.stride_j == 1 && v.stride_t == n);
-  return dense && v.client_stride == v.rows * n;
+  return dense_block(v.stride_t, v.stride_j, v.rows, n) && v.client_stride == v.rows * n;
 }
 
 // Adds clients [begin, end) of v to `prefetch` where they are one dense range.
@@ -997,8 +1001,8 @@ void add_layer_start(Prefetcher& prefetch, const GroupParams& p, int64_t l) {
   const int64_t clients = whole ? p.num_clients : client_group<scalar_t>(p, l);
   for (int f = 0; f < 2; ++f) {
     const FactorView& v = p.views[2 * l + f];
-    const bool dense_ref = (v.ref_stride_t == 1 && v.ref_stride_j == v.rows) || (v.ref_stride_j == 1 && v.ref_stride_t == n);
-    if (v.ref != nullptr && dense_ref) prefetch.add(v.ref, v.rows * n * int64_t(sizeof(scalar_t)));
+    if (v.ref != nullptr && dense_block(v.ref_stride_t, v.ref_stride_j, v.rows, n))
+      prefetch.add(v.ref, v.rows * n * int64_t(sizeof(scalar_t)));
     if (whole || v.ref != nullptr) add_clients<scalar_t>(prefetch, v, n, 0, clients);
   }
 }
