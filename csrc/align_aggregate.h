@@ -5,7 +5,10 @@
 // Multi-tensor design (as in apex's multi_tensor_apply): every factor of every
 // layer becomes one FactorView in a flat table, and the work of a pass is a
 // flat list of chunks, so one launch covers all layers of a rank bucket
-// whatever their shapes. Both factors are viewed as N matrices X_i (T × n):
+// whatever their shapes. Each view reads its N clients through a table of N
+// pointers, so clients are read where they lie: one stacked (N, ...) tensor
+// and N separate tensors (state dicts, decoded replies) take the same kernels
+// without a copy. Both factors are viewed as N matrices X_i (T × n):
 // A_i (n × in) is read transposed (t runs over in_features), B_i (out × n) as
 // it is. Then both the cross-covariance (M_i += X_iᵀ Y) and the aggregate
 // (out = Σ_i X_i · w_i R_i) have one form for A and for B.
@@ -34,8 +37,9 @@ constexpr int32_t kStatusReferenceNonfinite = 2;  // a reference an aligned laye
 constexpr int64_t kChunkRows = 64;
 
 struct FactorView {
-  const void* x;  // client 0's X; client i at x + i * client_stride
-  int64_t client_stride, stride_t, stride_j;
+  const void* const* x;   // x[i]: client i's X (every client with the strides below)
+  int64_t client_stride;  // elements from client i to i + 1 where they lie evenly in one allocation, else 0
+  int64_t stride_t, stride_j;
   const void* ref;  // reference view (T × n) when this factor drives alignment, else null
   int64_t ref_stride_t, ref_stride_j;
   void* out;  // aggregated view (T × n)
@@ -79,9 +83,11 @@ FR_HD int find_view(const FactorView* views, int num_views, int64_t chunk) {
   return lo;
 }
 
-// Host tables of one rank bucket, built by the front.
+// Host tables of one rank bucket, built by the front. views[v].x points into
+// `clients` (N entries a view).
 struct GroupTables {
   std::vector<FactorView> views;
+  std::vector<const void*> clients;
   std::vector<LayerInfo> layers;
   int64_t num_chunks = 0, max_rows = 0;
   bool any_aligned = false;
@@ -95,6 +101,22 @@ using GroupRunner = void (*)(const GroupTables& tables, GroupParams params, int 
 
 using AlignAggregateResult =
     std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+
+// One factor (A or B) of one layer for all N clients, however the caller holds
+// them: a stacked (N, ...) tensor, or N tensors of the same shape. Clients are
+// read through `ptrs`; where a client's strides differ from the others', the
+// front reads a contiguous copy of it (kept in `copies`).
+struct ClientFactor {
+  at::Tensor first;               // client 0's (rows, cols) tensor: sizes, dtype, device
+  at::Tensor stacked;             // the (N, ...) input, when given stacked
+  std::vector<at::Tensor> each;   // the N inputs, when given per client
+  std::vector<const void*> ptrs;  // client i's data
+  int64_t stride0 = 0, stride1 = 0;  // strides of every client's 2-D view
+  int64_t client_stride = 0;          // as FactorView::client_stride
+  std::vector<at::Tensor> copies;
+  // The (N, rows, cols) stack: the input itself, or a stack of the clients (ranks above the fused buckets).
+  at::Tensor as_stack() const;
+};
 
 // Optional per-layer references (`Tensor?[]`): empty, or one entry per layer,
 // None where the layer's mode does not read that factor.
@@ -117,5 +139,13 @@ void check_align_aggregate_inputs(at::TensorList A, at::TensorList B, const RefL
 AlignAggregateResult align_and_aggregate_impl(at::TensorList A, at::TensorList B, const RefList& ref_A,
                                               const RefList& ref_B, const at::Tensor& weights, at::IntArrayRef align,
                                               const at::Tensor& lam, bool allow_reflection, GroupRunner run_group);
+
+// The same op on per-client tensors: A[l * N + i] (r_l, in_l) and B[l * N + i]
+// (out_l, r_l) are client i's factors of layer l, N = weights.size(0). Nothing
+// is stacked: the kernels read every client tensor in place.
+AlignAggregateResult align_and_aggregate_clients_impl(at::TensorList A, at::TensorList B, const RefList& ref_A,
+                                                      const RefList& ref_B, const at::Tensor& weights,
+                                                      at::IntArrayRef align, const at::Tensor& lam,
+                                                      bool allow_reflection, GroupRunner run_group);
 
 }  // namespace fedrot

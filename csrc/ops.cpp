@@ -16,6 +16,10 @@ TORCH_LIBRARY(fedrot_ext, m) {
   m.def(
       "align_and_aggregate(Tensor[] A, Tensor[] B, Tensor?[] ref_A, Tensor?[] ref_B, Tensor weights, int[] align, "
       "Tensor lam, bool allow_reflection) -> (Tensor[], Tensor[], Tensor[], Tensor)");
+  // The same op on per-client tensors: A[l * N + i] is client i's (r_l, in_l) factor of layer l.
+  m.def(
+      "align_and_aggregate_clients(Tensor[] A, Tensor[] B, Tensor?[] ref_A, Tensor?[] ref_B, Tensor weights, "
+      "int[] align, Tensor lam, bool allow_reflection) -> (Tensor[], Tensor[], Tensor[], Tensor)");
   m.def(
       "choose_lam(Tensor[] A, Tensor[] B, Tensor?[] ref_A, Tensor?[] ref_B, Tensor weights, int[] align, "
       "float[] grid, bool allow_reflection) -> (Tensor, Tensor)");

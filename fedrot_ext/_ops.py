@@ -45,6 +45,16 @@ def _align_and_aggregate_fake(A, B, ref_A, ref_B, weights, align, lam, allow_ref
     return out_A, out_B, rots, status
 
 
+@torch.library.register_fake("fedrot_ext::align_and_aggregate_clients")
+def _align_and_aggregate_clients_fake(A, B, ref_A, ref_B, weights, align, lam, allow_reflection):
+    N, acc = weights.shape[0], accumulate_dtype(A[0].dtype)
+    out_A = [A[l * N].new_empty(A[l * N].shape) for l in range(len(align))]
+    out_B = [B[l * N].new_empty(B[l * N].shape) for l in range(len(align))]
+    rots = [A[l * N].new_empty((N, A[l * N].shape[0], A[l * N].shape[0]), dtype=acc) for l in range(len(align))]
+    status = A[0].new_empty((1,), dtype=torch.int32)
+    return out_A, out_B, rots, status
+
+
 @torch.library.register_fake("fedrot_ext::procrustes_rotation")
 def _procrustes_rotation_fake(M, lam, allow_reflection):
     return torch.empty_like(M, memory_format=torch.contiguous_format)
@@ -63,6 +73,7 @@ def _no_backward(op: str):
 
 # Without a registered backward, autograd would silently drop the graph (A.grad stays None).
 torch.library.register_autograd("fedrot_ext::align_and_aggregate", _no_backward("align_and_aggregate"))
+torch.library.register_autograd("fedrot_ext::align_and_aggregate_clients", _no_backward("align_and_aggregate_clients"))
 torch.library.register_autograd("fedrot_ext::procrustes_rotation", _no_backward("procrustes_rotation"))
 
 
@@ -98,24 +109,39 @@ def fused_align_aggregate(A, B, ref_A, ref_B, w: torch.Tensor, aligns, lams, all
                           lam_grid=DEFAULT_LAM_GRID):
     """The unchecked entry of the fused op, for callers that validated everything already.
 
-    A, B, ref_A, ref_B as in :func:`align_and_aggregate` (refs None, or None entries, where not
-    read); w the normalised (N,) weights in the accumulate dtype on the factors' device; aligns
-    one mode per layer (:func:`layer_aligns`); lams one float per layer or "auto" (:func:`layer_lams`;
-    "auto" chooses from `lam_grid` by the choose_lam op). Returns (out_A, out_B, rotations, status,
-    lam) without synchronising: status is a (1,) int32 tensor of bits, STATUS_AGGREGATE_NONFINITE
-    (an aggregate came out NaN/Inf) and STATUS_REFERENCE_NONFINITE (a reference an aligned layer
-    reads holds NaN/Inf); lam the (L,) λ used.
+    A, B as in :func:`align_and_aggregate`, or per client: ``A[l]`` a sequence of N (r_l, in_l)
+    tensors and ``B[l]`` of N (out_l, r_l) tensors, which the op reads in place (nothing is
+    stacked); ref_A, ref_B as in :func:`align_and_aggregate` (refs None, or None entries, where
+    not read); w the normalised (N,) weights in the accumulate dtype on the factors' device;
+    aligns one mode per layer (:func:`layer_aligns`); lams one float per layer or "auto"
+    (:func:`layer_lams`; "auto" chooses from `lam_grid` by the choose_lam op, on stacked copies
+    of per-client factors). Returns (out_A, out_B, rotations, status, lam) without
+    synchronising: status is a (1,) int32 tensor of bits, STATUS_AGGREGATE_NONFINITE (an
+    aggregate came out NaN/Inf: some client factor holds NaN/Inf, or a half-precision sum
+    overflowed) and STATUS_REFERENCE_NONFINITE (a reference an aligned layer reads holds
+    NaN/Inf); lam the (L,) λ used.
     """
-    check_device(A[0].device)
+    per_client = not isinstance(A[0], torch.Tensor)
+    first = A[0][0] if per_client else A[0]
+    check_device(first.device)
     codes = [ALIGN_CODES[a] for a in aligns]
     refs_A, refs_B = _layer_refs(ref_A, aligns, 0), _layer_refs(ref_B, aligns, 1)
     if lams == "auto":
-        lam_t, _ = torch.ops.fedrot_ext.choose_lam(A, B, refs_A, refs_B, w, codes, list(lam_grid), bool(allow_reflection))
+        sA, sB = ([torch.stack(list(c)) for c in A], [torch.stack(list(c)) for c in B]) if per_client else (A, B)
+        lam_t, _ = torch.ops.fedrot_ext.choose_lam(sA, sB, refs_A, refs_B, w, codes, list(lam_grid), bool(allow_reflection))
+        del sA, sB
     else:
         lam_t = torch.tensor(lams, dtype=w.dtype).to(w.device)
-    out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
-        A, B, refs_A, refs_B, w, codes, lam_t, bool(allow_reflection)
-    )
+    if per_client:
+        flat_A = [t for clients in A for t in clients]
+        flat_B = [t for clients in B for t in clients]
+        out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate_clients(
+            flat_A, flat_B, refs_A, refs_B, w, codes, lam_t, bool(allow_reflection)
+        )
+    else:
+        out_A, out_B, rots, status = torch.ops.fedrot_ext.align_and_aggregate(
+            A, B, refs_A, refs_B, w, codes, lam_t, bool(allow_reflection)
+        )
     return list(out_A), list(out_B), list(rots), status, lam_t
 
 

@@ -97,7 +97,7 @@ class Prefetcher {
   }
 
  private:
-  static constexpr int kMaxRanges = 6;
+  static constexpr int kMaxRanges = 64;  // a range a client where clients lie apart
   struct Range {
     const char* begin;
     int64_t bytes;
@@ -359,7 +359,7 @@ inline bool j_contiguous_pair(const FactorView& v) { return v.stride_j == 1 && v
 // M += X_iᵀ Y over all rows of one view (M is R × R, zero-padded).
 template <typename scalar_t, typename acc_t, int R>
 void accumulate_covariance(const FactorView& v, int64_t client, int n, acc_t* M) {
-  const scalar_t* x = static_cast<const scalar_t*>(v.x) + client * v.client_stride;
+  const scalar_t* x = static_cast<const scalar_t*>(v.x[client]);
   const scalar_t* y = static_cast<const scalar_t*>(v.ref);
   if (t_contiguous_pair(v)) {
     if constexpr (kTransposedCovariance<acc_t, R>)
@@ -431,7 +431,7 @@ bool covariance_on_tiles(const FactorView& v, int f, int64_t client, int n, Cova
   if constexpr (kAmxBucket<scalar_t, R>) {
     const bool by_t = t_contiguous_pair(v), by_j = !by_t && j_contiguous_pair(v);
     if (!(by_t || by_j) || !covariance_tiles_take<R>(n, v.rows)) return false;
-    const auto* x = static_cast<const c10::BFloat16*>(v.x) + client * v.client_stride;
+    const auto* x = static_cast<const c10::BFloat16*>(v.x[client]);
     const auto* y = static_cast<const c10::BFloat16*>(v.ref);
     const int64_t T = v.rows, steps = T / kTileT, words = paired_words(n, T);
     std::vector<uint32_t>& ref = tiles.ref[f];
@@ -562,7 +562,7 @@ int64_t aggregate_rows_t_amx(const GroupParams& p, const FactorView& v, int n, i
   };
   // Client i's unit at column t into xpairs.
   auto interleave_client = [&](int64_t i, int64_t t) {
-    const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t;
+    const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x[i]) + t;
     for (int k = 0; k < n; k += 2)
       for (int u = 0; u < unit; u += 16) {  // 16 values of rows k and k + 1, interleaved
         if (clients.prefetch) clients.prefetch->step();
@@ -660,7 +660,7 @@ int64_t aggregate_rows_t_contiguous(const GroupParams& p, const FactorView& v, i
 #pragma GCC unroll 8
           for (int u = 0; u < U; ++u) acc[jb][u] = load_lanes<V, acc_t, L>(partial + jb * v.rows + u * L);
       for (int64_t i = clients.begin; i < clients.end; ++i) {
-        const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + tb;
+        const scalar_t* x = static_cast<const scalar_t*>(v.x[i]) + tb;
         const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
         for (int k = 0; k < n; ++k) {
           if (clients.prefetch) clients.prefetch->step();
@@ -731,7 +731,7 @@ void aggregate_tile_j_contiguous(const GroupParams& p, const FactorView& v, int 
 #pragma GCC unroll 8
       for (int u = 0; u < JV; ++u) acc[b][u] = load_lanes<V, acc_t, L>(partial + b * R + u * L);
   for (int64_t i = clients.begin; i < clients.end; ++i) {
-    const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t * stride_t;
+    const scalar_t* x = static_cast<const scalar_t*>(v.x[i]) + t * stride_t;
     const acc_t* C = client_coef<acc_t, R>(p, v.layer, i) + j0;
     if (j0 == 0)
 #pragma GCC unroll 32
@@ -814,7 +814,7 @@ int64_t aggregate_rows_j_amx(const GroupParams& p, const FactorView& v, int n, i
     for (int j0 = 0; j0 < n; j0 += 16) {
       FR_FOR_TILES(blocks, FR_START);
       for (int64_t i = clients.begin; i < clients.end; ++i) {
-        const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x) + i * v.client_stride + t * v.stride_t;
+        const c10::BFloat16* x = static_cast<const c10::BFloat16*>(v.x[i]) + t * v.stride_t;
         const uint32_t* pairs = client_coef_pairs<R>(p, v.layer, i) + j0;
         for (int k0 = 0; k0 < n; k0 += depth) {
           if (clients.prefetch) clients.prefetch->step();
@@ -868,7 +868,7 @@ void aggregate_rows_any(const GroupParams& p, const FactorView& v, int n, int64_
   alignas(64) acc_t xb[kChunkRows][R] = {};
   alignas(64) acc_t acc[kChunkRows][R] = {};
   for (int64_t i = 0; i < p.num_clients; ++i) {
-    const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t0 * v.stride_t;
+    const scalar_t* x = static_cast<const scalar_t*>(v.x[i]) + t0 * v.stride_t;
     load_block<scalar_t, acc_t, R>(x, v.stride_t, v.stride_j, rows, n, xb);
     const acc_t* C = client_coef<acc_t, R>(p, v.layer, i);
     for (int64_t t = 0; t < rows; ++t)
@@ -975,17 +975,14 @@ inline bool dense_block(int64_t stride_t, int64_t stride_j, int64_t rows, int n)
   return (stride_t == 1 && stride_j == rows) || (stride_j == 1 && stride_t == n);
 }
 
-// Whether v's clients are one dense range (client after client, no gaps).
-bool dense_clients(const FactorView& v, int n) {
-  return dense_block(v.stride_t, v.stride_j, v.rows, n) && v.client_stride == v.rows * n;
-}
-
-// Adds clients [begin, end) of v to `prefetch` where they are one dense range.
+// Adds clients [begin, end) of v to `prefetch` where each is one dense block: one range where they
+// lie evenly in one allocation (a stacked input), else one range a client.
 template <typename scalar_t>
 void add_clients(Prefetcher& prefetch, const FactorView& v, int n, int64_t begin, int64_t end) {
-  if (dense_clients(v, n))
-    prefetch.add(static_cast<const scalar_t*>(v.x) + begin * v.client_stride,
-                 (end - begin) * v.client_stride * int64_t(sizeof(scalar_t)));
+  if (!dense_block(v.stride_t, v.stride_j, v.rows, n)) return;
+  const int64_t bytes = v.rows * n * int64_t(sizeof(scalar_t));
+  if (v.client_stride == v.rows * n) return prefetch.add(v.x[begin], (end - begin) * bytes);
+  for (int64_t i = begin; i < end; ++i) prefetch.add(v.x[i], bytes);
 }
 
 // Adds what layer l reads first, where dense: its references, and its clients that fit the L2
@@ -1021,11 +1018,14 @@ void pull_unaligned_layer(const GroupParams& p, int64_t l) {
   const int n = p.layers[l].n;
   for (int f = 0; f < 2; ++f) {
     const FactorView& v = p.views[2 * l + f];
-    if (!dense_clients(v, n) || !tiles_take<scalar_t, R>(v, n, std::min(kChunkRows, v.rows))) continue;
-    const char* bytes = static_cast<const char*>(v.x);
-    const int64_t size = p.num_clients * v.client_stride * int64_t(sizeof(scalar_t));
+    if (!dense_block(v.stride_t, v.stride_j, v.rows, n) || !tiles_take<scalar_t, R>(v, n, std::min(kChunkRows, v.rows)))
+      continue;
+    const int64_t size = v.rows * n * int64_t(sizeof(scalar_t));
     char sink = 0;
-    for (int64_t c = 0; c < size; c += 64) sink ^= bytes[c];
+    for (int64_t i = 0; i < p.num_clients; ++i) {
+      const char* bytes = static_cast<const char*>(v.x[i]);
+      for (int64_t c = 0; c < size; c += 64) sink ^= bytes[c];
+    }
     __asm__ volatile("" ::"r"(sink));  // the loads are kept for their side effect
   }
 }
@@ -1131,8 +1131,18 @@ AlignAggregateResult align_and_aggregate_cpu(at::TensorList A, at::TensorList B,
   return align_and_aggregate_impl(A, B, ref_A, ref_B, weights, align, lam, allow_reflection, &run_group_cpu);
 }
 
+AlignAggregateResult align_and_aggregate_clients_cpu(at::TensorList A, at::TensorList B, const RefList& ref_A,
+                                                     const RefList& ref_B, const at::Tensor& weights,
+                                                     at::IntArrayRef align, const at::Tensor& lam,
+                                                     bool allow_reflection) {
+  return align_and_aggregate_clients_impl(A, B, ref_A, ref_B, weights, align, lam, allow_reflection, &run_group_cpu);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fedrot_ext, CPU, m) { m.impl("align_and_aggregate", &align_and_aggregate_cpu); }
+TORCH_LIBRARY_IMPL(fedrot_ext, CPU, m) {
+  m.impl("align_and_aggregate", &align_and_aggregate_cpu);
+  m.impl("align_and_aggregate_clients", &align_and_aggregate_clients_cpu);
+}
 
 }  // namespace fedrot

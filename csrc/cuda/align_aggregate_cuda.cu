@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) cross_covariance_kernel(GroupParams 
     if (v.ref == nullptr) continue;
     const int64_t span = (v.rows + p.cov_splits - 1) / p.cov_splits;
     const int64_t t_begin = split * span, t_end = min(v.rows, t_begin + span);
-    const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride;
+    const scalar_t* x = static_cast<const scalar_t*>(v.x[i]);
     const scalar_t* y = static_cast<const scalar_t*>(v.ref);
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kCovRows) {
       stage_block<scalar_t, acc_t, R>(x + t0 * v.stride_t, v.stride_t, v.stride_j, t_end - t0, n, kCovRows, xs);
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) aggregate_kernel(GroupParams p) {
 #pragma unroll
   for (int m = 0; m < kPerThread; ++m) acc[m] = acc_t(0);
   for (int64_t i = 0; i < p.num_clients; ++i) {
-    const scalar_t* x = static_cast<const scalar_t*>(v.x) + i * v.client_stride + t0 * v.stride_t;
+    const scalar_t* x = static_cast<const scalar_t*>(v.x[i]) + t0 * v.stride_t;
     stage_block<scalar_t, acc_t, R>(x, v.stride_t, v.stride_j, rows_left, n, int(kChunkRows), xs);
     __syncthreads();
     const acc_t* C = static_cast<const acc_t*>(p.coef) + (int64_t(v.layer) * p.num_clients + i) * R * R;
@@ -176,16 +176,27 @@ void launch_group(const GroupParams& p, c10::ScalarType dtype, int bucket) {
 }
 
 // Tables go to the device through pinned memory and an async copy on the
-// current stream: no host synchronisation.
+// current stream: no host synchronisation. The views' client pointers are
+// rewritten to the device copy of the pointer table before the upload.
 void run_group_cuda(const GroupTables& t, GroupParams p, int bucket, const at::Tensor& first,
                     const at::Tensor& weights) {
   const c10::cuda::CUDAGuard guard(first.device());
   const size_t view_bytes = t.views.size() * sizeof(FactorView), layer_bytes = t.layers.size() * sizeof(LayerInfo);
-  at::Tensor host =
-      at::empty({int64_t(view_bytes + layer_bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), t.views.data(), view_bytes);
-  std::memcpy(static_cast<char*>(host.data_ptr()) + view_bytes, t.layers.data(), layer_bytes);
-  const at::Tensor table = host.to(first.device(), /*non_blocking=*/true);
+  const size_t client_bytes = t.clients.size() * sizeof(const void*);
+  static_assert(sizeof(FactorView) % alignof(const void*) == 0 && sizeof(LayerInfo) % alignof(const void*) == 0,
+                "the pointer table follows the views and layers aligned");
+  const int64_t bytes = int64_t(view_bytes + layer_bytes + client_bytes);
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(first.device()));
+  char* h = static_cast<char*>(host.data_ptr());
+  const auto* device_clients = reinterpret_cast<const void* const*>(static_cast<char*>(table.data_ptr()) + view_bytes +
+                                                                     layer_bytes);
+  auto* views = reinterpret_cast<FactorView*>(h);
+  std::memcpy(views, t.views.data(), view_bytes);
+  for (size_t k = 0; k < t.views.size(); ++k) views[k].x = device_clients + (t.views[k].x - t.clients.data());
+  std::memcpy(h + view_bytes, t.layers.data(), layer_bytes);
+  std::memcpy(h + view_bytes + layer_bytes, t.clients.data(), client_bytes);
+  table.copy_(host, /*non_blocking=*/true);
   const int64_t R = bucket, layer_clients = int64_t(t.layers.size()) * p.num_clients;
   p.cov_splits = covariance_splits(layer_clients, t.max_rows);
   const at::Tensor coef = at::empty({layer_clients * R * R}, weights.options());
@@ -198,6 +209,13 @@ void run_group_cuda(const GroupTables& t, GroupParams p, int bucket, const at::T
   launch_group(p, first.scalar_type(), bucket);
 }
 
+AlignAggregateResult align_and_aggregate_clients_cuda(at::TensorList A, at::TensorList B, const RefList& ref_A,
+                                                      const RefList& ref_B, const at::Tensor& weights,
+                                                      at::IntArrayRef align, const at::Tensor& lam,
+                                                      bool allow_reflection) {
+  return align_and_aggregate_clients_impl(A, B, ref_A, ref_B, weights, align, lam, allow_reflection, &run_group_cuda);
+}
+
 AlignAggregateResult align_and_aggregate_cuda(at::TensorList A, at::TensorList B, const RefList& ref_A,
                                               const RefList& ref_B, const at::Tensor& weights, at::IntArrayRef align,
                                               const at::Tensor& lam, bool allow_reflection) {
@@ -206,6 +224,9 @@ AlignAggregateResult align_and_aggregate_cuda(at::TensorList A, at::TensorList B
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fedrot_ext, CUDA, m) { m.impl("align_and_aggregate", &align_and_aggregate_cuda); }
+TORCH_LIBRARY_IMPL(fedrot_ext, CUDA, m) {
+  m.impl("align_and_aggregate", &align_and_aggregate_cuda);
+  m.impl("align_and_aggregate_clients", &align_and_aggregate_clients_cuda);
+}
 
 }  // namespace fedrot

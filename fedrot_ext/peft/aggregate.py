@@ -25,7 +25,7 @@ from .._types import align_uses, module_align
 from ..baselines import fedex_terms, flexlora_factors, product_sums
 from ..methods import METHODS, Method, check_initial, get_method
 from ..schedule import alignment_for_round
-from .batch import ClientBatch, FactorSet, collect_clients, collect_reference, require_equal_ranks
+from .batch import ClientBatch, FactorSet, collect_clients, collect_reference, require_equal_ranks, stack_others
 from .model import module_scaling, to_base_layout
 from .policy import Policy, add_delta_noise, add_factor_noise, clip_clients, screen_clients
 
@@ -53,12 +53,18 @@ class AggregatedState(dict):
         self.lam = dict(lam or {})
 
 
-def _per_dtype(A: Sequence[torch.Tensor], compute) -> list:
+def _lead(a) -> torch.Tensor:
+    """A module's factor stack (N, ...) itself, or the first of its per-client tensors."""
+    return a if isinstance(a, torch.Tensor) else a[0]
+
+
+def _per_dtype(A: Sequence, compute) -> list:
     """Call ``compute(idx)`` once per group of modules sharing a dtype (usually one group: the
-    fused op needs one dtype per call) and put its per-module results back in module order."""
+    fused op needs one dtype per call) and put its per-module results back in module order.
+    A[m]: a (N, ...) stack, or a sequence of N per-client tensors."""
     groups: Dict[torch.dtype, List[int]] = {}
     for m, a in enumerate(A):
-        groups.setdefault(a.dtype, []).append(m)
+        groups.setdefault(_lead(a).dtype, []).append(m)
     out = [None] * len(A)
     for idx in groups.values():
         for m, result in zip(idx, compute(idx)):
@@ -70,15 +76,18 @@ def _pick(tensors, idx):
     return [tensors[m] for m in idx]
 
 
-def _on(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The normalised float64 weights in the accumulate dtype and on the device of `like`."""
+def _on(w: torch.Tensor, like) -> torch.Tensor:
+    """The normalised float64 weights in the accumulate dtype and on the device of `like` (a
+    tensor, or a module's per-client tensors)."""
+    like = _lead(like)
     return w.to(device=like.device, dtype=accumulate_dtype(like.dtype))
 
 
 def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], lam, allow_reflection: bool):
     """Rotate (each module on its own mode in `aligns`) and weighted-average every module: one
     unchecked fused op call per dtype (usually one; the clients and the reference were validated
-    once, by collect_clients / collect_reference). `lam`: a float or "auto".
+    once, by collect_clients / collect_reference). A[m] / B[m]: (N, ...) stacks, or per-client
+    tensors that the op reads in place. `lam`: a float or "auto".
 
     Returns (new_A, new_B, statuses, lams): the op's status flags and the (1,) λ used per
     module, as device tensors read once by the caller."""
@@ -86,7 +95,7 @@ def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], la
 
     def compute(idx):
         modes = [aligns[m] for m in idx]
-        ref = lambda m, f: pad_rank((refs.A, refs.B)[f][m], A[m].shape[1], f) if align_uses(aligns[m])[f] else None  # noqa: E731
+        ref = lambda m, f: pad_rank((refs.A, refs.B)[f][m], _lead(A[m]).shape[-2], f) if align_uses(aligns[m])[f] else None  # noqa: E731
         out_A, out_B, _, status, lam_t = fused_align_aggregate(
             _pick(A, idx), _pick(B, idx), [ref(m, 0) for m in idx], [ref(m, 1) for m in idx], _on(w, A[idx[0]]),
             modes, layer_lams(lam, len(idx)), allow_reflection,
@@ -193,6 +202,34 @@ def require_reference(reference, align: str, round) -> None:
         raise ValueError(f"reference: required to align on {align} in round {round} (the previous global adapter), got None")
 
 
+def _reads_in_place(spec: Method, frozen: Optional[str], policy: Policy) -> bool:
+    """Whether every client factor goes into the fused op as it is (no clip scaling, no frozen copy,
+    no dense term): then the op reads the clients where they lie and screens them as it reads."""
+    return spec.output == "factors" and not frozen and policy.clip_norm is None
+
+
+def _aggregate_in_place(batch: ClientBatch, refs: Optional[FactorSet], w, aligns, lam, allow_reflection: bool, ranks):
+    """The factor methods at default settings: one fused op call over the clients' own tensors (no
+    stack, no NaN/Inf pre-scan) plus the average of the non-factor tensors.
+
+    A NaN/Inf in any client value or reference makes an aggregate NaN/Inf (every value is multiplied
+    into the sums, by a zero weight too), which the op's status and the averages' check report.
+    Returns (new_A, new_B, others, λ per module), or None when something was flagged: the caller
+    then screens the clients, which names the client and key (or the overflow)."""
+    A = [[pad_rank(s[m.key_A], r, 0) for s in batch.states] for m, r in zip(batch.modules, ranks)]
+    B = [[pad_rank(s[m.key_B], r, 1) for s in batch.states] for m, r in zip(batch.modules, ranks)]
+    others = _average_others(batch, stack_others(batch, check=False), w)
+    new_A, new_B, statuses, lams = _fused_average(A, B, refs, w, aligns, lam, allow_reflection)
+    flags = [s.to("cpu", torch.float64) for s in statuses]
+    flags += [torch.isfinite(t).all().logical_not().to("cpu", torch.float64).view(1) for t in others.values() if t.is_floating_point()]
+    chosen = [t.to("cpu", torch.float64) for t in lams] if lam == "auto" else []
+    values = torch.cat(flags + chosen).tolist()  # the one host synchronisation
+    if any(values[:len(flags)]):
+        return None
+    chosen = values[len(flags):] if lam == "auto" else [lam] * len(lams)
+    return new_A, new_B, others, chosen
+
+
 def _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config,
                labels=None, policy: Policy = Policy()) -> AggregatedState:
     spec = get_method(method)
@@ -207,10 +244,19 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     w = normalized_weights(weights, len(batch.states), torch.device("cpu"), torch.float64)
     refs = None
     aligns = [module_align(align, m.embedding) for m in batch.modules]
+    in_place = _reads_in_place(spec, frozen, policy)
     if align != "none":
         require_reference(reference, align, round)
-        refs = collect_reference(reference, batch, aligns)
+        refs = collect_reference(reference, batch, aligns, check_finite=not in_place)
     ranks_of = lambda b: [max(rs + ([refs.rank[m]] if refs else [])) for m, rs in enumerate(b.ranks)]  # noqa: E731
+    if in_place:
+        done = _aggregate_in_place(batch, refs, w, aligns, lam, allow_reflection, ranks_of(batch))
+        if done is not None:
+            new_A, new_B, others, chosen = done
+            lam_used = dict(zip((m.name for m in batch.modules), chosen)) if align != "none" else {}
+            return _assemble(batch, others, new_A, [None] * len(new_A) if spec.personal == "B" else new_B, {}, (), lam_used)
+        if refs is not None:  # flagged: the screening path below names the NaN/Inf reference key or client
+            refs = collect_reference(reference, batch, aligns)
     batch, A, B, other_stacks, w, dropped = screen_clients(batch, weights, w, policy.on_invalid, ranks_of)
     scalings = [module_scaling(lora_config, m, rs, method) for m, rs in zip(batch.modules, batch.ranks)] if spec.dense else None
     others = _average_others(batch, other_stacks, w)
@@ -239,6 +285,11 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     if spec.personal == "B":
         new_B = [None] * len(A)  # each client keeps its own B
 
+    return _assemble(batch, others, new_A, new_B, base_deltas, dropped, lam_used)
+
+
+def _assemble(batch: ClientBatch, others, new_A, new_B, base_deltas, dropped, lam_used) -> AggregatedState:
+    """The result in the first client's key order (a None B: left out, each client keeps its own)."""
     values = dict(others)
     for m, a, b in zip(batch.modules, new_A, new_B):
         values[m.key_A] = a

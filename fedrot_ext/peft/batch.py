@@ -157,11 +157,12 @@ def require_equal_ranks(batch: ClientBatch, method: str) -> None:
                 )
 
 
-def collect_reference(reference, batch: ClientBatch, factors, label: str = "reference") -> FactorSet:
+def collect_reference(reference, batch: ClientBatch, factors, label: str = "reference", check_finite: bool = True) -> FactorSet:
     """Look up one state dict's factors ("A", "B" or "AB", or one such string per module) for
     every module of `batch`.
 
-    Tensors are cast to the clients' dtype and device (copies, never in place).
+    Tensors are cast to the clients' dtype and device (copies, never in place). ``check_finite=False``
+    leaves the NaN/Inf check to the caller (the fused op flags a NaN/Inf reference as it reads it).
 
     Raises:
         TypeError/ValueError naming ``label`` and the key: not a state dict, a missing key,
@@ -195,7 +196,7 @@ def collect_reference(reference, batch: ClientBatch, factors, label: str = "refe
         found.A.append(got.get("A"))
         found.B.append(got.get("B"))
         found.rank.append(got["A"].shape[0] if "A" in got else got["B"].shape[1])
-    bad = nonfinite_index([t for _, t in checked])
+    bad = nonfinite_index([t for _, t in checked]) if check_finite else None
     if bad is not None:
         raise ValueError(f"{label}[{checked[bad][0]!r}]: expected finite values, found NaN or Inf")
     return found
