@@ -47,13 +47,15 @@ def reply_weight(content: RecordDict, weighted_by_key: str) -> float:
     return float(value)
 
 
-def check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], frozen_keys: Iterable[str] = ()) -> None:
+def check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], frozen_keys: Iterable[str] = (),
+                check_finite: bool = True) -> None:
     """Check a decoded client adapter against the global adapter of the round.
 
     Args:
         state: the client's decoded adapter.
         reference: the global adapter sent this round.
         frozen_keys: keys whose values must equal the reference's (a factor the method keeps frozen).
+        check_finite: False leaves NaN/Inf to the aggregation, which finds them as it reads every value.
 
     Raises:
         ValueError naming the key: missing or unexpected keys, a shape or dtype that differs
@@ -71,7 +73,7 @@ def check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch
                 f"{key!r}: expected shape {tuple(ref.shape)} and dtype {ref.dtype} (as the global adapter), "
                 f"got {tuple(t.shape)} {t.dtype}"
             )
-    floating = [k for k, t in state.items() if t.is_floating_point() and t.numel()]
+    floating = [k for k, t in state.items() if t.is_floating_point() and t.numel()] if check_finite else []
     if floating:
         finite = torch.stack([torch.isfinite(state[k]).all() for k in floating])
         if not bool(finite.all()):
@@ -90,14 +92,16 @@ def screen_reply(
     weighted_by_key: str,
     frozen_keys: Iterable[str] = (),
     device: Optional[Union[str, torch.device]] = None,
+    check_finite: bool = True,
 ) -> Tuple[State, float]:
-    """Decode and check one reply; return (adapter state dict, weight).
+    """Decode and check one reply; return (adapter state dict, weight). The tensors are read-only
+    views of the reply's bytes where they can be (the reply must outlive them).
 
     Raises:
         ValueError with the reason (no key of the round is trusted before this passes).
     """
     weight = reply_weight(content, weighted_by_key)
     # like=: a Flower privacy wrapper or mod hands back plain float32 for a bf16/fp16 adapter
-    state = arrayrecord_to_state_dict(reply_arrays(content, arrayrecord_key), device=device, like=reference)
-    check_state(state, reference, frozen_keys)
+    state = arrayrecord_to_state_dict(reply_arrays(content, arrayrecord_key), device=device, like=reference, copy=False)
+    check_state(state, reference, frozen_keys, check_finite)
     return state, weight

@@ -20,12 +20,17 @@ A Flower wrapper or mod that rewrites an array returns plain float32; pass ``lik
 adapter's dtypes back.
 
 Decoding checks what Flower does not: that the bytes match the declared dtype and
-shape. A reply that lies about them raises ``ValueError`` naming the key.
+shape. A reply that lies about them raises ``ValueError`` naming the key. It reads the
+payload where it lies: each distinct ``.npy`` header is parsed once per process (a round's
+replies share their headers), and the values are one copy of the payload
+(``copy=False``: a read-only view of it, with no copy at all).
 """
 from __future__ import annotations
 
+import io
 import math
-from typing import Dict, Mapping, Optional, Union
+import warnings
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -81,10 +86,48 @@ def _decode_raw(key: str, array: Array) -> torch.Tensor:
     return torch.from_numpy(ints).view(torch_dtype).reshape(shape)
 
 
-def _decode_numpy(key: str, array: Array) -> torch.Tensor:
+# .npy header bytes -> (dtype, shape, fortran order, offset of the values); bounded, cleared when full
+_NPY_HEADERS: Dict[bytes, Tuple[np.dtype, tuple, bool, int]] = {}
+_NPY_HEADERS_MAX = 4096
+
+
+def _npy_header(data: bytes) -> Tuple[np.dtype, tuple, bool, int]:
+    """(dtype, shape, fortran_order, offset) of an .npy payload, parsed by NumPy's own header reader."""
+    head = bytes(data[:12])
+    if head[:6] != b"\x93NUMPY" or len(head) < 10:
+        raise ValueError("not an .npy payload (bad magic string)")
+    size = 2 if head[6] == 1 else 4
+    offset = 8 + size + int.from_bytes(head[8:8 + size], "little")
+    header = bytes(data[:offset])
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        f = io.BytesIO(header)
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, fortran, dtype = read(f)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not accepted (they would need pickle)")
+        if len(_NPY_HEADERS) >= _NPY_HEADERS_MAX:
+            _NPY_HEADERS.clear()
+        parsed = _NPY_HEADERS[header] = (dtype, tuple(shape), bool(fortran), offset)
+    return parsed
+
+
+def _npy_values(data: bytes, copy: bool) -> np.ndarray:
+    dtype, shape, fortran, offset = _npy_header(data)
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} bytes after the header do not hold {dtype} of shape {shape}")
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+    return values.copy(order="C") if copy or fortran or not dtype.isnative else values
+
+
+def _decode_numpy(key: str, array: Array, copy: bool = True) -> torch.Tensor:
     try:
-        values = array.numpy()
-    except Exception as err:  # np.load raises several error types for corrupt payloads
+        values = _npy_values(array.data, copy)
+    except Exception as err:  # a corrupt payload can fail in several ways
         raise ValueError(f"{key!r}: not a valid NumPy payload ({type(err).__name__}: {err})") from None
     widened = array.dtype in _WIDENED and values.dtype == np.float32
     if tuple(values.shape) != tuple(array.shape) or (str(values.dtype) != array.dtype and not widened):
@@ -95,7 +138,9 @@ def _decode_numpy(key: str, array: Array) -> torch.Tensor:
     if not values.dtype.isnative:
         values = values.astype(values.dtype.newbyteorder("="))
     try:
-        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        with warnings.catch_warnings():  # copy=False: a read-only view, which the caller only reads
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(values)
     except TypeError as err:
         raise ValueError(f"{key!r}: dtype {values.dtype} cannot become a torch tensor ({err})") from None
     return tensor.to(_WIDENED[array.dtype]) if widened else tensor
@@ -141,6 +186,7 @@ def arrayrecord_to_state_dict(
     *,
     device: Optional[Union[str, torch.device]] = None,
     like: Optional[Mapping[str, Union[torch.Tensor, torch.dtype]]] = None,
+    copy: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Decode an ``ArrayRecord`` (from :func:`state_dict_to_arrayrecord` or stock Flower) into tensors.
 
@@ -150,6 +196,9 @@ def arrayrecord_to_state_dict(
         like: the adapter (or {key: dtype}) the record stands for: a plain float32 array whose
             key is bfloat16/float16 in ``like`` is cast back to that dtype (Flower's privacy
             wrappers and mods rewrite arrays as float32). Other dtypes are never changed.
+        copy: False: CPU tensors of the NumPy format are read-only views of the record's bytes
+            (no copy; the record must outlive them, and writing to them is undefined): for a
+            caller that only reads, such as the server's aggregation.
 
     Returns:
         {name: tensor} in the record's key order, with the dtypes that were encoded
@@ -168,7 +217,7 @@ def arrayrecord_to_state_dict(
         if array.stype == RAW_STYPE:
             tensor = _decode_raw(key, array)
         elif array.stype == SType.NUMPY:
-            tensor = _decode_numpy(key, array)
+            tensor = _decode_numpy(key, array, copy)
         else:
             raise ValueError(f"{key!r}: unknown serialisation type {array.stype!r} (expected {SType.NUMPY!r} or {RAW_STYPE!r})")
         if tensor.dtype == torch.float32 and dtypes.get(key) in _WIDENED_BY_TORCH:

@@ -108,13 +108,16 @@ class FedRotLoRA(FedAvg):
         aggregate_options: further keyword arguments for :func:`fedrot_ext.aggregate_state_dicts`
             (for example ``clip_norm`` or ``noise_multiplier``), passed unchanged every round.
         report_fedit_error: with method "fedrot", also aggregate the same replies with FedIT and
-            report its error (off by default: it costs a second aggregation every round; it needs
-            every reply at once, so it turns the default streaming off).
+            report both errors (``fedit-error-*`` and ``agg-error-*``; off by default: it costs a
+            second aggregation every round, and needs every reply at once).
         streaming: consume the replies one at a time with :class:`fedrot_ext.StreamingAggregator`
-            (True), or stack them for one aggregate_state_dicts call (False; also reports the
-            ``agg-error-*`` metrics). None: streaming whenever the method allows it (not flexlora),
-            lam is a number and ``report_fedit_error`` is off. Both give the same global adapter
-            to rounding.
+            (True), or aggregate all of them in one aggregate_state_dicts call (False), which reads
+            every decoded reply where it lies (views of the reply's bytes: no stack, no copy) and
+            so costs no more memory than the replies Flower already holds. None: False. Both give
+            the same global adapter to rounding; streaming needs a method other than flexlora, a
+            numeric lam and no ``report_fedit_error``.
+        error_metrics: report the ``agg-error-*`` metrics (the aggregation error of the round, in
+            float64; not with streaming). Off by default: it costs more than the aggregation.
         server_optimizer: a :class:`fedrot_ext.ServerOptimizer` (FedAvgM / FedAdam / FedYogi /
             FedAdagrad) stepping the global adapter along aggregate − previous global every round;
             None: the aggregate is the new global (FedAvg). Checkpoint it with its ``state_dict()``.
@@ -152,6 +155,7 @@ class FedRotLoRA(FedAvg):
         server_optimizer: Optional[ServerOptimizer] = None,
         wire_format: str = "numpy",
         streaming: Optional[bool] = None,
+        error_metrics: bool = False,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -173,6 +177,7 @@ class FedRotLoRA(FedAvg):
         if taken:
             raise ValueError(f"aggregate_options: {taken} are set by the strategy; pass them as FedRotLoRA arguments")
         self.report_fedit_error = report_fedit_error
+        self.error_metrics = bool(error_metrics) or bool(report_fedit_error)
         if server_optimizer is not None and not isinstance(server_optimizer, ServerOptimizer):
             raise TypeError(f"server_optimizer: expected a fedrot_ext.ServerOptimizer or None, got {type(server_optimizer).__name__}")
         self.server_optimizer = server_optimizer
@@ -185,13 +190,13 @@ class FedRotLoRA(FedAvg):
 
     def _streaming(self, requested: Optional[bool]) -> bool:
         possible = streaming_supported(self.spec) and isinstance(self.lam, numbers.Real)
-        if requested is None:
-            return possible and not self.report_fedit_error
         if requested and not possible:
             why = f"method {self.method!r}" if not streaming_supported(self.spec) else "lam='auto'"
             raise ValueError(f"streaming: {why} needs all replies at once; pass streaming=False or None")
         if requested and self.report_fedit_error:
             raise ValueError("streaming: report_fedit_error needs all replies at once; pass streaming=False or None")
+        if requested and self.error_metrics:
+            raise ValueError("streaming: error_metrics needs all replies at once; pass streaming=False or None")
         return bool(requested)
 
     # ------------------------------------------------------------------ configure
@@ -287,10 +292,12 @@ class FedRotLoRA(FedAvg):
         return out, time.perf_counter() - start
 
     def _aggregate(self, states, weights, reference, round_idx) -> Tuple[AggregatedState, float]:
+        # NaN/Inf replies were not screened (the aggregation finds them as it reads): dropped, then rejected.
+        options = {**self.aggregate_options, "on_invalid": "skip"}
         return self._timed(lambda: aggregate_state_dicts(
             states, reference=reference, weights=weights, method=self.method, round=round_idx, lam=self.lam,
             schedule=self.schedule, initial=self.initial, allow_reflection=self.allow_reflection, lora_config=self.lora_config,
-            **self.aggregate_options,
+            **options,
         ))
 
     def _accepted(self, valid, reference, frozen, summary: RoundSummary):
@@ -300,7 +307,7 @@ class FedRotLoRA(FedAvg):
             try:
                 state, weight = screen_reply(
                     msg.content, reference, arrayrecord_key=self.arrayrecord_key, weighted_by_key=self.weighted_by_key,
-                    frozen_keys=frozen, device=self.device,
+                    frozen_keys=frozen, device=self.device, check_finite=self.streaming,
                 )
             except (ValueError, TypeError, KeyError) as err:  # anything a malformed reply can trigger
                 summary.rejected[node] = str(err)
@@ -309,16 +316,33 @@ class FedRotLoRA(FedAvg):
             summary.accepted.append(node)
             yield state, weight, RecordDict(dict(msg.content.metric_records))
 
-    def _stack(self, accepted, reference, round_idx):
-        """All accepted replies in one aggregate_state_dicts call: (aggregate, seconds, contents, error metrics), or None."""
+    def _stack(self, accepted, reference, round_idx, summary: RoundSummary):
+        """All accepted replies in one aggregate_state_dicts call: (aggregate, seconds, contents, error metrics), or None.
+        A reply holding NaN/Inf is dropped by the aggregation and rejected here."""
         rows = list(accepted)
         if not rows:
             return None
         states, weights, contents = ([row[j] for row in rows] for j in range(3))
-        aggregated, seconds = self._aggregate(states, weights, reference, round_idx)
+        nodes = summary.accepted[-len(rows):]
+        try:
+            aggregated, seconds = self._aggregate(states, weights, reference, round_idx)
+        except ValueError as err:
+            if "nothing left to aggregate" not in str(err):  # every reply held NaN/Inf
+                raise
+            aggregated, seconds = None, 0.0
+        dropped = dict(aggregated.dropped) if aggregated is not None else dict.fromkeys(range(len(rows)), "every reply did")
+        for i, reason in sorted(dropped.items()):
+            summary.accepted.remove(nodes[i])
+            summary.rejected[nodes[i]] = f"expected finite values, found NaN or Inf ({reason})"
+            log(WARNING, "aggregate_train: round %d: rejected the reply of node %d: %s", summary.server_round, nodes[i],
+                summary.rejected[nodes[i]])
+        if aggregated is None:
+            return None
+        kept = [i for i in range(len(rows)) if i not in dropped]
+        states, weights, contents = ([x[i] for i in kept] for x in (states, weights, contents))
         return aggregated, seconds, contents, self._stacked_error_metrics(states, weights, aggregated)
 
-    def _stream(self, accepted, reference, round_idx):
+    def _stream(self, accepted, reference, round_idx, summary: RoundSummary):
         """Add each accepted reply to a StreamingAggregator and release it: (aggregate, seconds, contents, {}), or None."""
         agg = StreamingAggregator(
             reference, method=self.method, round=round_idx, lam=self.lam, schedule=self.schedule, initial=self.initial,
@@ -354,7 +378,7 @@ class FedRotLoRA(FedAvg):
 
     def _stacked_error_metrics(self, states, weights, aggregated) -> Dict[str, float]:
         metrics: Dict[str, float] = {}
-        if self.spec.factor_error:
+        if self.spec.factor_error and self.error_metrics:
             metrics.update(self._error_metrics("agg", states, aggregated, weights))
         if self.spec.aligns and self.report_fedit_error:
             fedit = aggregate_state_dicts(states, weights=weights, method="fedit")
@@ -394,7 +418,7 @@ class FedRotLoRA(FedAvg):
         summary = RoundSummary(server_round, failed={m.metadata.src_node_id: m.error.reason for m in errors})
         self.history.append(summary)
         accepted = self._accepted(valid, reference, frozen, summary)
-        outcome = (self._stream if self.streaming else self._stack)(accepted, reference, round_idx)
+        outcome = (self._stream if self.streaming else self._stack)(accepted, reference, round_idx, summary)
         if outcome is None:
             log(WARNING, "aggregate_train: round %d: no usable reply; the global adapter stays as it was", server_round)
             return None, None

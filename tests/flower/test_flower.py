@@ -284,7 +284,7 @@ def test_ffa_rejects_a_changed_frozen_factor(bf16_round):
 @pytest.mark.parametrize("method", [m for m in fedrot_ext.METHODS if m not in ("ffa", "rolora")])
 def test_every_method_runs_through_the_strategy(method, f32_round):
     reference, clients = f32_round
-    strategy = FedRotLoRA(method=method, lora_config=bert_lora_config(), streaming=False)  # exact, with agg-error metrics
+    strategy = FedRotLoRA(method=method, lora_config=bert_lora_config(), error_metrics=True)  # exact, with agg-error metrics
     _sent(strategy, 2, reference)
     arrays, metrics = strategy.aggregate_train(2, [_reply(c, i + 1, i) for i, c in enumerate(clients)])
     expected = fedrot_ext.aggregate_state_dicts(clients, reference=reference, weights=[1, 2, 3], method=method, round=1,
@@ -394,7 +394,7 @@ def test_simulation_3_clients_2_rounds_with_corrupted_replies(tmp_path):
     Each is rejected with a log line, the run completes, and the final global adapter is
     exactly what aggregate_state_dicts gives on the accepted clients' own saved adapters.
     """
-    strategy, result, initial, seconds = _simulate(tmp_path, 2, {"corrupt": "1:2:shape;2:1:nan"}, lam=0.5, streaming=False)
+    strategy, result, initial, seconds = _simulate(tmp_path, 2, {"corrupt": "1:2:shape;2:1:nan"}, lam=0.5, error_metrics=True)
     r1, r2 = strategy.history
     assert len(r1.accepted) == 2 and len(r2.accepted) == 2, strategy.history
     assert not r1.failed and not r2.failed
