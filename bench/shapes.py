@@ -39,6 +39,12 @@ MODELS: Dict[str, Model] = {
     "llama3-8b-qkvo": Model(
         "llama3-8b-qkvo", _repeat([(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)], 32), 4
     ),
+    # Llama-3-8B, LoRA on all seven projections (q, k, v, o, gate, up, down): the end-to-end benchmark.
+    "llama3-8b-all": Model(
+        "llama3-8b-all",
+        _repeat([(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)], 32),
+        7,
+    ),
     # Tiny model for the smoke benchmark and tests; not part of the sweep.
     "tiny": Model("tiny", _repeat([(256, 256), (128, 256)], 2), 2),
 }

@@ -60,6 +60,7 @@ def _load_all(dirs: List[str], progress: bool):
 
 
 def run(args) -> dict:
+    """One round; returns {"out", "dropped"} (the report itself with ``--report``)."""
     out = Path(args.out)
     if args.merge and args.method != "fedrot":
         raise InputError("--merge: aggregates with merge_adapters; do not combine it with --method")
@@ -93,17 +94,19 @@ def run(args) -> dict:
     lam_used = getattr(aggregated, "lam", {})  # {module: λ}
     base_deltas = getattr(aggregated, "base_deltas", {})
     write_adapter(out, aggregated, config, base_deltas, args.overwrite)
-    dropped = {i for i, _ in getattr(aggregated, "dropped", ())}
-    kept = [i for i in range(len(states)) if i not in dropped]
+    dropped = getattr(aggregated, "dropped", ())
+    summary = {"out": str(out), "dropped": [i for i, _ in dropped]}
+    if not args.report:  # the report's error and angles cost more than the aggregation: only when asked for
+        return summary
+    kept = [i for i in range(len(states)) if i not in set(summary["dropped"])]
     report = build_report(method=method, align=align, lam=lam, lam_used=lam_used, clients=states, kept=kept, weights=weights,
                           reference=ref_state, aggregated=aggregated, dirs=args.clients)
     report["out"] = str(out)
     report["base_deltas_file"] = "base_deltas.safetensors" if base_deltas else None
-    if args.report:
-        try:
-            Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
-        except OSError as err:
-            raise InputError(f"{args.report}: could not write the report ({err})") from None
+    try:
+        Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    except OSError as err:
+        raise InputError(f"{args.report}: could not write the report ({err})") from None
     return report
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -86,13 +86,24 @@ def _decode_raw(key: str, array: Array) -> torch.Tensor:
     return torch.from_numpy(ints).view(torch_dtype).reshape(shape)
 
 
-# .npy header bytes -> (dtype, shape, fortran order, offset of the values); bounded, cleared when full
-_NPY_HEADERS: Dict[bytes, Tuple[np.dtype, tuple, bool, int]] = {}
+class _Npy(NamedTuple):
+    """What an .npy header says, and how to read the values after it."""
+
+    dtype: np.dtype
+    name: str  # str(dtype), as Array.dtype names it
+    shape: tuple
+    fortran: bool
+    offset: int  # of the values
+    torch_dtype: Optional[torch.dtype]  # set where torch can view the bytes as they are (native, C order)
+
+
+# .npy header bytes -> _Npy; bounded, cleared when full
+_NPY_HEADERS: Dict[bytes, _Npy] = {}
 _NPY_HEADERS_MAX = 4096
 
 
-def _npy_header(data: bytes) -> Tuple[np.dtype, tuple, bool, int]:
-    """(dtype, shape, fortran_order, offset) of an .npy payload, parsed by NumPy's own header reader."""
+def _npy_header(data: bytes) -> _Npy:
+    """An .npy payload's header, parsed by NumPy's own reader the first time it is seen."""
     head = bytes(data[:12])
     if head[:6] != b"\x93NUMPY" or len(head) < 10:
         raise ValueError("not an .npy payload (bad magic string)")
@@ -109,40 +120,44 @@ def _npy_header(data: bytes) -> Tuple[np.dtype, tuple, bool, int]:
         shape, fortran, dtype = read(f)
         if dtype.hasobject:
             raise ValueError("object arrays are not accepted (they would need pickle)")
+        try:
+            direct = None if fortran or not dtype.isnative else torch.from_numpy(np.empty(0, dtype)).dtype
+        except TypeError:  # a dtype torch has no tensor for: the NumPy path below names it
+            direct = None
         if len(_NPY_HEADERS) >= _NPY_HEADERS_MAX:
             _NPY_HEADERS.clear()
-        parsed = _NPY_HEADERS[header] = (dtype, tuple(shape), bool(fortran), offset)
+        parsed = _NPY_HEADERS[header] = _Npy(dtype, str(dtype), tuple(shape), bool(fortran), offset, direct)
     return parsed
 
 
-def _npy_values(data: bytes, copy: bool) -> np.ndarray:
-    dtype, shape, fortran, offset = _npy_header(data)
-    count = math.prod(shape)
-    if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f"{len(data) - offset} bytes after the header do not hold {dtype} of shape {shape}")
-    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
-    return values.copy(order="C") if copy or fortran or not dtype.isnative else values
-
-
 def _decode_numpy(key: str, array: Array, copy: bool = True) -> torch.Tensor:
+    data = array.data
     try:
-        values = _npy_values(array.data, copy)
+        h = _npy_header(data)
+        count = math.prod(h.shape)
+        if len(data) - h.offset != count * h.dtype.itemsize:
+            raise ValueError(f"{len(data) - h.offset} bytes after the header do not hold {h.name} of shape {h.shape}")
     except Exception as err:  # a corrupt payload can fail in several ways
         raise ValueError(f"{key!r}: not a valid NumPy payload ({type(err).__name__}: {err})") from None
-    widened = array.dtype in _WIDENED and values.dtype == np.float32
-    if tuple(values.shape) != tuple(array.shape) or (str(values.dtype) != array.dtype and not widened):
+    widened = array.dtype in _WIDENED and h.name == "float32"
+    if h.shape != tuple(array.shape) or (h.name != array.dtype and not widened):
         raise ValueError(
             f"{key!r}: declared dtype {array.dtype} and shape {tuple(array.shape)}, but the payload holds "
-            f"{values.dtype} of shape {tuple(values.shape)}"
+            f"{h.name} of shape {h.shape}"
         )
-    if not values.dtype.isnative:
-        values = values.astype(values.dtype.newbyteorder("="))
-    try:
-        with warnings.catch_warnings():  # copy=False: a read-only view, which the caller only reads
-            warnings.simplefilter("ignore", UserWarning)
+    if h.torch_dtype is not None:  # the bytes as they lie: a view (copy=False) or one copy
+        tensor = torch.frombuffer(data, dtype=h.torch_dtype, count=count, offset=h.offset) if count else \
+            torch.empty(0, dtype=h.torch_dtype)
+        tensor = tensor.view(h.shape)
+        if copy and not widened:
+            tensor = tensor.clone()
+    else:
+        values = np.frombuffer(data, dtype=h.dtype, count=count, offset=h.offset).reshape(h.shape, order="F" if h.fortran else "C")
+        values = np.ascontiguousarray(values.astype(h.dtype.newbyteorder("="), copy=True))
+        try:
             tensor = torch.from_numpy(values)
-    except TypeError as err:
-        raise ValueError(f"{key!r}: dtype {values.dtype} cannot become a torch tensor ({err})") from None
+        except TypeError as err:
+            raise ValueError(f"{key!r}: dtype {values.dtype} cannot become a torch tensor ({err})") from None
     return tensor.to(_WIDENED[array.dtype]) if widened else tensor
 
 
@@ -213,14 +228,20 @@ def arrayrecord_to_state_dict(
         raise TypeError(f"record: expected a flwr.app.ArrayRecord, got {type(record).__name__}")
     dtypes = _like_dtypes(like)
     state = {}
-    for key, array in record.items():
-        if array.stype == RAW_STYPE:
-            tensor = _decode_raw(key, array)
-        elif array.stype == SType.NUMPY:
-            tensor = _decode_numpy(key, array, copy)
-        else:
-            raise ValueError(f"{key!r}: unknown serialisation type {array.stype!r} (expected {SType.NUMPY!r} or {RAW_STYPE!r})")
-        if tensor.dtype == torch.float32 and dtypes.get(key) in _WIDENED_BY_TORCH:
-            tensor = tensor.to(dtypes[key])
-        state[key] = tensor if device is None else tensor.to(device)
+    with warnings.catch_warnings():  # torch.frombuffer warns that bytes are read-only: copy=False views are only read
+        warnings.simplefilter("ignore", UserWarning)
+        for key, array in record.items():
+            state[key] = _decode_array(key, array, dtypes, device, copy)
     return state
+
+
+def _decode_array(key: str, array: Array, dtypes, device, copy: bool) -> torch.Tensor:
+    if array.stype == RAW_STYPE:
+        tensor = _decode_raw(key, array)
+    elif array.stype == SType.NUMPY:
+        tensor = _decode_numpy(key, array, copy)
+    else:
+        raise ValueError(f"{key!r}: unknown serialisation type {array.stype!r} (expected {SType.NUMPY!r} or {RAW_STYPE!r})")
+    if tensor.dtype == torch.float32 and dtypes.get(key) in _WIDENED_BY_TORCH:
+        tensor = tensor.to(dtypes[key])
+    return tensor if device is None else tensor.to(device)
