@@ -239,6 +239,8 @@ def table(rows: List[dict]) -> str:
 def main(argv=None) -> int:
     import logging
 
+    import flwr.common  # noqa: F401  (sets the "flwr" logger's level on import: quiet it after)
+
     logging.getLogger("flwr").setLevel(logging.WARNING)  # one INFO line per aggregate_train call otherwise
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=None, help="comma-separated config ids or globs (default: DEFAULT_CONFIGS)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..methods import METHODS, get_method
 from ..peft.io import ADAPTER_FILE
 from ..schedule import SCHEDULES, alignment_for_round
 from .adapters import InputError, check_compatible, client_weights, output_config, read_adapter
-from .output import check_writable, write_adapter
+from .output import check_report_path, check_writable, recover_interrupted_swap, write_adapter, write_text_atomically
 from .report import build_report
 
 PROG = "fedrot-aggregate"
@@ -64,7 +65,13 @@ def run(args) -> dict:
     out = Path(args.out)
     if args.merge and args.method != "fedrot":
         raise InputError("--merge: aggregates with merge_adapters; do not combine it with --method")
-    check_writable(out, args.overwrite)
+    restored = recover_interrupted_swap(out)
+    if restored:
+        print(f"{PROG}: {restored}", file=sys.stderr)
+    inputs = [Path(d) for d in args.clients] + ([Path(args.reference)] if args.reference else [])
+    check_writable(out, args.overwrite, inputs)
+    if args.report:
+        check_report_path(Path(args.report), args.overwrite, inputs, out)
     weights = client_weights(args.weights, len(args.clients)) if args.weights is not None else None
     if args.clip_norm is not None and not args.clip_norm > 0:
         raise InputError(f"--clip-norm: expected a positive number, got {args.clip_norm}")
@@ -93,20 +100,26 @@ def run(args) -> dict:
         raise InputError(_name_files(str(err), args.clients, args.reference)) from None
     lam_used = getattr(aggregated, "lam", {})  # {module: λ}
     base_deltas = getattr(aggregated, "base_deltas", {})
-    write_adapter(out, aggregated, config, base_deltas, args.overwrite)
     dropped = getattr(aggregated, "dropped", ())
     summary = {"out": str(out), "dropped": [i for i, _ in dropped]}
     if not args.report:  # the report's error and angles cost more than the aggregation: only when asked for
+        write_adapter(out, aggregated, config, base_deltas, args.overwrite)
         return summary
     kept = [i for i in range(len(states)) if i not in set(summary["dropped"])]
     report = build_report(method=method, align=align, lam=lam, lam_used=lam_used, clients=states, kept=kept, weights=weights,
                           reference=ref_state, aggregated=aggregated, dirs=args.clients)
     report["out"] = str(out)
     report["base_deltas_file"] = "base_deltas.safetensors" if base_deltas else None
-    try:
-        Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    try:  # written beside its place first: a failure leaves both the report and OUT_DIR as they were
+        staged = write_text_atomically(Path(args.report), json.dumps(report, indent=1) + "\n")
     except OSError as err:
         raise InputError(f"{args.report}: could not write the report ({err})") from None
+    try:
+        write_adapter(out, aggregated, config, base_deltas, args.overwrite)
+    except InputError:
+        staged.unlink()
+        raise
+    os.replace(staged, args.report)
     return report
 
 

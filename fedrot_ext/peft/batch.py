@@ -100,6 +100,11 @@ def _check_factors(state, label: str, module: LoraModule, first, first_label: st
     return a.shape[0]
 
 
+def _metadata(state) -> list:
+    """(shape, dtype) of every tensor, in key order."""
+    return [(t.shape, t.dtype) for t in state.values()]
+
+
 def collect_clients(client_states: Sequence[Mapping[str, torch.Tensor]], labels: Optional[List[str]] = None) -> ClientBatch:
     """Validate N client state dicts and pair their LoRA factors.
 
@@ -133,11 +138,18 @@ def collect_clients(client_states: Sequence[Mapping[str, torch.Tensor]], labels:
             if t.device != device:
                 raise ValueError(f"{label}[{key!r}]: expected device {device} (as every client tensor), got {t.device}")
     first = states[0]
-    ranks = [[_check_factors(state, label, m, first, labels[0]) for state, label in zip(states, labels)] for m in modules]
-    for key in other_keys:
-        t0 = first[key]
-        for state, label in zip(states[1:], labels[1:]):
-            t = state[key]
+    keys0, meta0 = list(first), _metadata(first)
+    ranks0 = [_check_factors(first, labels[0], m, first, labels[0]) for m in modules]
+    ranks = [[r] for r in ranks0]
+    for state, label in zip(states[1:], labels[1:]):
+        if list(state) == keys0 and _metadata(state) == meta0:  # every check below would pass: the common case
+            for m, r in zip(ranks, ranks0):
+                m.append(r)
+            continue
+        for m, module in zip(ranks, modules):
+            m.append(_check_factors(state, label, module, first, labels[0]))
+        for key in other_keys:
+            t0, t = first[key], state[key]
             if t.shape != t0.shape or t.dtype != t0.dtype:
                 raise ValueError(
                     f"{label}[{key!r}]: expected shape {tuple(t0.shape)} and dtype {t0.dtype} (as {labels[0]}), "

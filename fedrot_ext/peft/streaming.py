@@ -24,7 +24,7 @@ from ..methods import Method, check_initial, get_method
 from ..schedule import alignment_for_round
 from .._types import module_align
 from .aggregate import (
-    NOT_AVERAGED, AggregatedState, _check_overflow, _fused_average, differs_error, frozen_reason, put_base_delta,
+    NOT_AVERAGED, AggregatedState, _fused_average, _reads_in_place, differs_error, frozen_reason, put_base_delta,
     require_lora_config, require_reference,
 )
 from .batch import ClientBatch, FactorSet, collect_clients, collect_reference, factor_keys, require_equal_ranks
@@ -192,18 +192,25 @@ class StreamingAggregator:
         if self._device is not None and isinstance(client_state, Mapping):
             client_state = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in client_state.items()}
         batch = self._validate(client_state, label)
-        keys = factor_keys(batch) + [k for k in batch.other_keys if client_state[k].is_floating_point()]
+        others = [k for k in batch.other_keys if client_state[k].is_floating_point()]
+        # The factors go into the fused op as they are, which flags a NaN/Inf as it reads them: no pre-scan.
+        in_place = _reads_in_place(self.spec, self._frozen, self._policy)
+        keys = others if in_place else factor_keys(batch) + others
         bad = nonfinite_index([client_state[k] for k in keys])
-        if bad is not None:
-            where = f"{label}[{keys[bad]!r}]"
-            if self._policy.on_invalid == "raise":
-                raise invalid_client_error(where)
-            self._bad[len(self._weights)] = (index, where)
+        if bad is None and self._accumulate(batch, client_state, weight, label):  # touches no sum unless it succeeds
             self._weights.append(weight)
-            return False
-        self._accumulate(batch, client_state, weight, label)  # raises before touching any sum
+            return True
+        if bad is None:  # the op flagged a non-finite aggregate: name the key, or it overflowed
+            keys = factor_keys(batch) + others
+            bad = nonfinite_index([client_state[k] for k in keys])
+            if bad is None:
+                raise overflow_error("client_states", {client_state[m.key_A].dtype for m in batch.modules})
+        where = f"{label}[{keys[bad]!r}]"
+        if self._policy.on_invalid == "raise":
+            raise invalid_client_error(where)
+        self._bad[len(self._weights)] = (index, where)
         self._weights.append(weight)
-        return True
+        return False
 
     def _validate(self, state, label: str) -> ClientBatch:
         """The batch [first client's template, state] (or [state] for the first), checked as one
@@ -233,7 +240,8 @@ class StreamingAggregator:
                                      "every client to the reference's rank when aligning (aggregate_state_dicts pads to the largest)")
         return batch
 
-    def _accumulate(self, batch: ClientBatch, state, weight: float, label: str) -> None:
+    def _accumulate(self, batch: ClientBatch, state, weight: float, label: str) -> bool:
+        """Rotate and add one client; False (no sum touched) when the op flagged a non-finite aggregate."""
         spec, frozen = self.spec, self._frozen
         self._check_identical(batch, state, label)
         ranks = [self._refs.rank[m] if self._refs is not None else r for m, (r,) in enumerate(batch.ranks)]
@@ -249,7 +257,8 @@ class StreamingAggregator:
         B = [b.to(accumulate_dtype(b.dtype)) for b in B]
         w = torch.tensor([weight], dtype=torch.float64)
         new_A, new_B, statuses, _ = _fused_average(A, B, self._refs, w, self._aligns, self._lam, self._allow_reflection)
-        _check_overflow(statuses, A)
+        if any(torch.cat(statuses).tolist()):  # a NaN/Inf factor or an overflow: the caller finds which
+            return False
         dense = product_sums(A, B, w) if spec.dense else [None] * len(A)
         del A, B
         for m, module in enumerate(batch.modules):
@@ -267,6 +276,7 @@ class StreamingAggregator:
                 self._sum(key, term).add(term)
         if self._first_kept is None:
             self._first_kept = label
+        return True
 
     def _check_identical(self, batch: ClientBatch, state, label: str) -> None:
         """Non-floating tensors and frozen factors must equal the first kept client's (copied then)."""

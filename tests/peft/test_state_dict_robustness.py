@@ -266,3 +266,25 @@ def test_cuda_skip_clip_and_noise_match_cpu_and_repeat_bitwise(method):
                                               generator=torch.Generator("cuda").manual_seed(0), **policy, **kw)
              for _ in range(2)]
     assert_same(noisy[0], noisy[1])
+
+
+@pytest.mark.parametrize("method", ["fedrot", "fedit", "fedsa"])
+def test_a_nonfinite_client_of_weight_zero_is_still_found(method):
+    """The default path has no NaN/Inf pre-scan: the fused op's status finds the client (0 · NaN is NaN),
+    then the screening path names it, as the pre-scan did."""
+    ref, clients, kw, _ = setup(method, n_clients=3, seed=5)
+    clients[1][KA] = poisoned(clients[1][KA], math.inf)
+    weights = [1.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match=rf"client_states\[1\]\['{KA}'\]: expected finite values"):
+        fedrot_ext.aggregate_state_dicts(clients, weights=weights, **kw)
+    out = fedrot_ext.aggregate_state_dicts(clients, weights=weights, on_invalid="skip", **kw)
+    assert [i for i, _ in out.dropped] == [1]
+    assert_same(out, fedrot_ext.aggregate_state_dicts([clients[0], clients[2]], weights=[1.0, 2.0], **kw))
+
+
+def test_a_nonfinite_reference_is_named_without_a_pre_scan():
+    ref, clients, kw, modules = setup("fedrot", n_clients=3, seed=6)
+    key = next(m.key_A for m in modules if not m.embedding)
+    kw["reference"] = dict(ref, **{key: poisoned(ref[key])})
+    with pytest.raises(ValueError, match=rf"reference\['{key}'\]: expected finite values"):
+        fedrot_ext.aggregate_state_dicts(clients, **kw)

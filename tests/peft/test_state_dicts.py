@@ -189,6 +189,22 @@ def test_one_fused_call_for_every_module_whatever_its_mode():
     assert out.lam == {m.name: 0.5 for m in modules}
 
 
+@pytest.mark.parametrize("method", ["fedrot", "fedit"])
+def test_default_round_reads_the_clients_in_place(method):
+    """At default settings no client factor is stacked, copied or scanned for NaN/Inf apart from the one
+    fused op call, which reads every client where it lies and screens it as it reads."""
+    ref, clients = make_round(tiny_bert(), 4, seed=14)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fedrot_ext.aggregate_state_dicts(clients, reference=ref, round=1, method=method)
+    names = [e.name for e in prof.events()]
+    assert names.count("fedrot_ext::align_and_aggregate_clients") == 1
+    modules, _ = fedrot_ext.parse_lora_keys(clients[0])
+    others = len(clients[0]) - 2 * len(modules)  # the classifier head: stacked and averaged apart (small)
+    assert 0 < others < len(modules)
+    for op in ("aten::stack", "aten::isfinite", "aten::cat"):
+        assert names.count(op) <= others + (1 if op == "aten::cat" else 0), (op, names.count(op))  # cat: the status read
+
+
 def test_mixed_dtypes_and_integer_tensors():
     ref, clients = make_round(tiny_bert(), 3, seed=13)
     modules, _ = fedrot_ext.parse_lora_keys(clients[0])
