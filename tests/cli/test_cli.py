@@ -151,7 +151,13 @@ def test_existing_out_dir_is_refused_unless_overwrite(dirs, tmp_path, capsys):
     (out / "keep.txt").write_text("old")
     assert _run(dirs, out, "--round", "1") == 2
     assert str(out) in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"
-    assert _run(dirs, out, "--round", "1", "--overwrite") == 0
+    assert _run(dirs, out, "--round", "1", "--overwrite") == 2  # not an adapter directory: never removed
+    assert "not an adapter directory (keep.txt)" in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"
+    fresh = tmp_path / "fresh"
+    assert _run(dirs, fresh, "--round", "1") == 0
+    assert _run(dirs, fresh, "--round", "1") == 2  # exists: refused without --overwrite
+    assert _run(dirs, fresh, "--round", "1", "--overwrite", "--lam", "0.2") == 0  # a previous output: replaced
+    out = fresh
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
