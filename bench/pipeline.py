@@ -13,7 +13,8 @@ turns (bench.timing.time_interleaved), median seconds:
   λ = 0.5, one aggregate_state_dicts call over the replies decoded in place);
   ``strategy_fedrot_streaming``: the same with ``streaming=True``;
 - ``state_dicts``: ``aggregate_state_dicts(method="fedrot")`` on the decoded clients;
-- ``streaming``: a ``StreamingAggregator``, N x ``add`` + ``result``;
+- ``streaming`` / ``streaming_group8``: a ``StreamingAggregator``, N x ``add`` + ``result``, one client
+  per op call (the one-client memory bound) or 8 (``group=8``);
 - ``op``: ``align_and_aggregate`` on pre-stacked (N, ...) tensors;
 - ``copy``: one copy of the clients' bytes (the floor: the op reads each byte once).
 
@@ -140,11 +141,13 @@ def in_process_paths(cfg: shapes.Config, reference, clients, inp) -> Dict[str, c
         for d, t in zip(dst, stacks):
             d.copy_(t)
 
-    def streaming(k):
-        agg = fedrot_ext.StreamingAggregator(reference, method="fedrot", round=1)
-        for state, w in zip(clients, weights):
-            agg.add(state, w)
-        return agg.result()
+    def streaming(group):
+        def run(k):
+            agg = fedrot_ext.StreamingAggregator(reference, method="fedrot", round=1, group=group)
+            for state, w in zip(clients, weights):
+                agg.add(state, w)
+            return agg.result()
+        return run
 
     return {
         "flower_fedavg": lambda k: FedAvg().aggregate_train(server_round, replies),
@@ -152,7 +155,8 @@ def in_process_paths(cfg: shapes.Config, reference, clients, inp) -> Dict[str, c
         "strategy_fedit": strategy(method="fedit"),
         "strategy_fedrot_streaming": strategy(method="fedrot", streaming=True),
         "state_dicts": lambda k: fedrot_ext.aggregate_state_dicts(clients, reference=reference, weights=weights, round=1),
-        "streaming": streaming,
+        "streaming": streaming(1),
+        "streaming_group8": streaming(8),
         "op": lambda k: fedrot_ext.align_and_aggregate(inp.A, inp.B, ref_A=inp.ref_A, weights=weights, align="A"),
         "copy": copy,
     }
@@ -202,6 +206,7 @@ RATIOS = (  # (path, baseline, goal)
     ("strategy_fedrot_streaming", "flower_fedavg", 1.0),
     ("state_dicts", "op", 1.3),
     ("streaming", "op", 1.3),
+    ("streaming_group8", "op", 1.3),
     ("op", "copy", None),
     ("command", "plain_script", 1.5),
 )

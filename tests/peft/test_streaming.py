@@ -198,3 +198,55 @@ def test_device_moves_each_client(device):
     got = agg.result()
     assert all(t.device.type == device for t in got.values())
     assert_same_state({k: t.cpu() for k, t in got.items()}, dict(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method, round", [("fedrot", 1), ("fedrot", 2), ("fedit", 0), ("fedsa", 1)])
+@pytest.mark.parametrize("group", [2, 5, 8])
+def test_groups_give_the_one_at_a_time_result(group, method, round, dtype):
+    """group=k aggregates k clients per op call, read in place (mixed ranks padded per group): the same
+    aggregate as one client at a time and as aggregate_state_dicts, to the summation's rounding."""
+    ref, clients = _round(method, round, dtype)
+    kw = dict(method=method, round=round, lora_config=CONFIG)
+    one, _ = _stream(clients, WEIGHTS, ref, **kw)
+    grouped, accepted = _stream(clients, WEIGHTS, ref, group=group, **kw)
+    assert accepted == [True] * 5 and grouped.count == 5
+    got = grouped.result()
+    assert_same_state(got, one.result(), **CLOSE[dtype])
+    assert_same_state(got, fedrot_ext.aggregate_state_dicts(clients, reference=ref, weights=WEIGHTS, **kw), **CLOSE[dtype])
+
+
+def test_a_group_finds_its_bad_clients_when_it_is_aggregated():
+    ref, clients = _round("fedrot", 1, torch.float32)
+    factor = next(k for k in clients[0] if "lora_A" in k)
+    clients[1] = dict(clients[1], **{factor: poisoned(clients[1][factor])})
+    clients[2] = dict(clients[2], **{factor: poisoned(clients[2][factor], math.inf)})
+    kw = dict(method="fedrot", round=1)
+    skip, accepted = _stream(clients, WEIGHTS, ref, group=3, on_invalid="skip", **kw)
+    assert accepted[:2] == [True, True] and accepted[2] is False  # known when the group of 3 is aggregated
+    got = skip.result()
+    assert [i for i, _ in got.dropped] == [1, 2] and skip.count == 3
+    kept = [0, 3, 4]
+    want = fedrot_ext.aggregate_state_dicts([clients[i] for i in kept], reference=ref, weights=[WEIGHTS[i] for i in kept], **kw)
+    assert_same_state(got, want, **CLOSE[torch.float32])
+    agg = fedrot_ext.StreamingAggregator(ref, group=3, **kw)
+    agg.add(clients[0], 1.0)
+    agg.add(clients[1], 1.0)
+    with pytest.raises(ValueError, match=rf"client_states\[1\]\['{factor}'\]: expected finite values"):
+        agg.add(clients[2], 1.0)
+    agg.add(clients[3], 1.0)
+    assert agg.count == 2  # clients 0 and 3; the good client of the failed group was kept
+    assert_same_state(agg.result(), fedrot_ext.aggregate_state_dicts([clients[0], clients[3]], reference=ref, **kw),
+                      **CLOSE[torch.float32])
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(group=0), r"group: expected an int >= 1"),
+    (dict(group=2.0), r"group: expected an int >= 1"),
+    (dict(group=2, clip_norm=1.0), r"group: 2 needs a factor method without clip_norm"),
+    (dict(group=2, method="ffa"), r"group: 2 needs a factor method"),
+])
+def test_group_is_checked(kw, pattern):
+    ref, _ = _round("fedrot", 1, torch.float32)
+    with pytest.raises(ValueError, match=pattern):
+        fedrot_ext.StreamingAggregator(ref, **{"round": 1, **kw})
