@@ -239,8 +239,14 @@ def weights_total(values) -> float:
         raise ValueError("weights: expected finite values, found NaN or Inf")
     if min(values) < 0:
         raise ValueError(f"weights: expected non-negative values, got min {min(values)}")
-    total = math.fsum(values)
-    if not total > 0 or not math.isfinite(total):
+    try:
+        total = math.fsum(values)
+    except OverflowError:
+        total = math.inf
+    if total == math.inf:
+        raise ValueError(f"weights: expected a finite sum, got values that overflow float64 when added "
+                         f"(max {max(values)}); scale them down (only their ratios matter)")
+    if not total > 0:
         raise ValueError("weights: expected a positive sum, got all zeros")
     return total
 

@@ -54,6 +54,8 @@ def _check_options(align, iterations, tol) -> None:
         raise ValueError(f"align: expected one of {MERGE_ALIGN_MODES} (a merge must align), got {align!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations: expected an int >= 1, got {iterations!r}")
+    if isinstance(tol, (str, bytes, bool)):
+        raise TypeError(f"tol: expected a non-negative float, got {type(tol).__name__} {tol!r}")
     try:
         tol_f = float(tol)
     except (TypeError, ValueError):

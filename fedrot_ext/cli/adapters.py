@@ -43,10 +43,13 @@ def read_adapter(path) -> Adapter:
         raise InputError(f"{config_path}: not a readable JSON file ({err})") from None
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{config_path}: expected a LoRA adapter config (peft_type LORA), got {str(config)[:80]}")
+    _check_config_values(config, config_path)
     try:
         state = load_adapter(path)
     except (FileNotFoundError, ValueError) as err:  # the messages name the file (pickle refused, corrupt, missing)
         raise InputError(str(err)) from None
+    except OSError as err:  # unreadable: a directory in its place, no permission, an I/O error
+        raise InputError(f"{path / ADAPTER_FILE}: could not be read ({err.strerror or err})") from None
     return Adapter(path, config, state)
 
 
@@ -85,6 +88,43 @@ def output_config(adapters: Sequence[Adapter]) -> dict:
             pattern[key] = max(pattern.get(key, 0), int(rank))
     config["rank_pattern"] = pattern
     return config
+
+
+def check_config_ranks(config: dict, state, out) -> None:
+    """Refuse to write a config whose r / rank_pattern disagree with the factors' ranks (peft would not load it)."""
+    from ..peft.keys import parse_lora_keys
+    from ..peft.model import _pattern_value
+
+    modules, _ = parse_lora_keys(state.keys(), owner="aggregate")
+    for m in modules:
+        want = _pattern_value(config.get("rank_pattern"), m.path, config.get("r"))
+        if state[m.key_A].shape[0] != want:
+            raise InputError(f"{out}: the aggregate of {m.name} has rank {state[m.key_A].shape[0]}, but the inputs' "
+                             f"configs give it rank {want} (r / rank_pattern); nothing was written")
+
+
+def _check_config_values(config: dict, config_path: Path) -> None:
+    """The fields the command reads, with the types peft gives them; a bad one is named with its file."""
+    def bad(field, expected):
+        raise InputError(f"{config_path}: {field} = {config[field]!r}, expected {expected}")
+
+    positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if "r" in config and not positive_int(config["r"]):
+        bad("r", "an int >= 1")
+    if "lora_alpha" in config and not number(config["lora_alpha"]):
+        bad("lora_alpha", "a number")
+    for field, ok, what in (("rank_pattern", positive_int, "ints >= 1"), ("alpha_pattern", number, "numbers")):
+        value = config.get(field)
+        if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) and ok(v) for k, v in value.items())):
+            bad(field, f"a mapping of module names to {what}")
+    modules = config.get("target_modules")
+    if modules is not None and not isinstance(modules, str) and not (
+            isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+        bad("target_modules", "a string or a list of strings")
+    for field in ("fan_in_fan_out", "use_rslora", "use_dora"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            bad(field, "true or false")
 
 
 def client_weights(text: str, n: int) -> List[float]:

@@ -16,7 +16,7 @@ from typing import List, Optional
 from ..methods import METHODS, get_method
 from ..peft.io import ADAPTER_FILE
 from ..schedule import SCHEDULES, alignment_for_round
-from .adapters import InputError, check_compatible, client_weights, output_config, read_adapter
+from .adapters import InputError, check_compatible, check_config_ranks, client_weights, output_config, read_adapter
 from .output import check_report_path, check_writable, recover_interrupted_swap, write_adapter, write_text_atomically
 from .report import build_report
 
@@ -38,12 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="GLOBAL_DIR", help="the previous global adapter (the rotation target; not needed by --merge)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="the new adapter directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    p.add_argument("--method", default="fedrot", choices=METHODS)
+    # Defaults of the round options are applied in run(): None tells that an option was not given (--merge refuses them).
+    p.add_argument("--method", choices=METHODS, help="the aggregation method (default fedrot)")
     p.add_argument("--round", type=int, help="0-based round number (the alternating schedule and rolora need it)")
-    p.add_argument("--lam", type=_lam, default=0.5, help="soft rotation strength in [0, 1], or 'auto'")
-    p.add_argument("--schedule", default="alternate", choices=SCHEDULES)
+    p.add_argument("--lam", type=_lam, help="soft rotation strength in [0, 1], or 'auto' (default 0.5)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="which factor each round aligns (default alternate)")
     p.add_argument("--weights", metavar="n1,n2,...", help="client weights (e.g. sample counts); default uniform")
-    p.add_argument("--on-invalid", default="raise", choices=["raise", "skip"], help="a client with NaN/Inf: fail, or drop it")
+    p.add_argument("--on-invalid", choices=["raise", "skip"], help="a client with NaN/Inf: fail (default), or drop it")
     p.add_argument("--clip-norm", type=float, metavar="C", help="clip each client's update norm to C")
     p.add_argument("--report", metavar="REPORT.json", help="write a JSON report (errors, λ, rotation angles, dropped clients)")
     p.add_argument("--merge", action="store_true", help="merge the adapters with fedrot_ext.merge_adapters (no reference needed)")
@@ -56,15 +57,32 @@ def _load_all(dirs: List[str], progress: bool):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: plain loop without a bar
         tqdm = None
+    progress = progress and sys.stderr.isatty()  # a log file gets no bar
     it = dirs if tqdm is None else tqdm(dirs, desc="loading adapters", unit="dir", disable=not progress, file=sys.stderr)
     return [read_adapter(d) for d in it]
+
+
+ROUND_DEFAULTS = {"method": "fedrot", "round": None, "lam": 0.5, "schedule": "alternate", "on_invalid": "raise",
+                  "clip_norm": None}
+
+
+def _apply_defaults(args) -> None:
+    """Refuse a round option given with --merge (it would be ignored), then fill in the defaults."""
+    if args.merge:
+        given = [name for name in ROUND_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise InputError(f"{flag}: does not apply to --merge (merge_adapters aligns every adapter by generalised "
+                             "Procrustes: no method, round, schedule, λ, clipping or dropping)")
+    for name, default in ROUND_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def run(args) -> dict:
     """One round; returns {"out", "dropped"} (the report itself with ``--report``)."""
     out = Path(args.out)
-    if args.merge and args.method != "fedrot":
-        raise InputError("--merge: aggregates with merge_adapters; do not combine it with --method")
+    _apply_defaults(args)
     restored = recover_interrupted_swap(out)
     if restored:
         print(f"{PROG}: {restored}", file=sys.stderr)
@@ -100,6 +118,9 @@ def run(args) -> dict:
         raise InputError(_name_files(str(err), args.clients, args.reference)) from None
     lam_used = getattr(aggregated, "lam", {})  # {module: λ}
     base_deltas = getattr(aggregated, "base_deltas", {})
+    if reference is not None and lam_used:  # aligned: the result has the reference's ranks where they are larger
+        config = output_config(clients + [reference])
+    check_config_ranks(config, aggregated, out)
     dropped = getattr(aggregated, "dropped", ())
     summary = {"out": str(out), "dropped": [i for i, _ in dropped]}
     if not args.report:  # the report's error and angles cost more than the aggregation: only when asked for
@@ -127,6 +148,7 @@ def _name_files(message: str, dirs: List[str], reference: Optional[str]) -> str:
     """The library names clients by index (``client_states[1]``) and the reference by argument name:
     say which directory and file that is."""
     message = re.sub(r"client_states\[(\d+)\]", lambda m: f"{Path(dirs[int(m.group(1))]) / ADAPTER_FILE} (client {m.group(1)})", message)
+    message = message.replace("on_invalid='skip'", "--on-invalid skip").replace("clip_norm", "--clip-norm")
     if reference:
         message = re.sub(r"^reference\b", f"{Path(reference) / ADAPTER_FILE} (reference)", message)
     return message

@@ -20,7 +20,7 @@ import torch
 
 from .._checks import check_lam_or_auto, layer_lams, normalized_weights, overflow_error
 from .._ops import accumulate_dtype, fused_align_aggregate
-from .._stacking import pad_rank
+from .._stacking import nonfinite_index, pad_rank
 from .._types import align_uses, module_align
 from ..baselines import fedex_terms, flexlora_factors, product_sums
 from ..methods import METHODS, Method, check_initial, get_method
@@ -173,6 +173,12 @@ def _dense_updates(spec: Method, batch, A, B, new_A, new_B, w, lora_config, scal
     return deltas
 
 
+def check_finite_deltas(deltas: Dict[str, torch.Tensor]) -> None:
+    """The clients are finite (screened), so a NaN/Inf base delta is an overflow of Σ w_i B_i A_i: refuse it."""
+    if deltas and nonfinite_index(list(deltas.values())) is not None:
+        raise overflow_error("client_states", {t.dtype for t in deltas.values()})
+
+
 def put_base_delta(deltas: Dict[str, torch.Tensor], spec: Method, module, scaled: torch.Tensor, lora_config) -> None:
     """Store one module's scaled (out, in) update in its base weight's layout; one update per base weight."""
     if module.path in deltas:
@@ -280,6 +286,7 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     base_deltas = _dense_updates(spec, batch, A, B, new_A, new_B, w, lora_config, scalings) if spec.dense else {}
     if base_deltas and policy.noise_multiplier > 0:
         base_deltas = add_delta_noise(base_deltas, scalings, policy, w)
+    check_finite_deltas(base_deltas)
     if spec.output == "merge":
         new_B = [torch.zeros_like(b) for b in new_B]  # the update now lives in the base weight
     if spec.personal == "B":

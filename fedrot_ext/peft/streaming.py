@@ -11,6 +11,7 @@ padding) are those of aggregate_state_dicts, taken from the same helpers.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -24,7 +25,7 @@ from ..methods import Method, check_initial, get_method
 from ..schedule import alignment_for_round
 from .._types import module_align
 from .aggregate import (
-    NOT_AVERAGED, AggregatedState, _fused_average, _reads_in_place, differs_error, frozen_reason, put_base_delta,
+    NOT_AVERAGED, AggregatedState, _fused_average, _reads_in_place, check_finite_deltas, differs_error, frozen_reason, put_base_delta,
     require_lora_config, require_reference,
 )
 from .batch import ClientBatch, FactorSet, collect_clients, collect_reference, factor_keys, require_equal_ranks
@@ -225,7 +226,10 @@ class StreamingAggregator:
         return self._refuse(index, weight, f"{label}[{keys[bad]!r}]")
 
     def _refuse(self, index: int, weight: float, where: str) -> bool:
-        """A client holding NaN/Inf at `where`: raise, or record it as dropped (False)."""
+        """A client holding NaN/Inf at `where`: raise, or record it as dropped (False). Until a client is
+        kept, the next one sets the template again (a refused client's keys and shapes bind nothing)."""
+        if not self._sums and not self._pending:
+            self._template = self._first_kept = None
         if self._policy.on_invalid == "raise":
             raise invalid_client_error(where)
         self._bad[len(self._weights)] = (index, where)
@@ -434,12 +438,15 @@ class StreamingAggregator:
             put_base_delta(deltas, self.spec, m, dense * s, self._lora_config)
         if self._policy.noise_multiplier > 0:
             deltas = add_delta_noise(deltas, scalings, self._policy, w)
+        check_finite_deltas(deltas)
         return deltas
 
 
 def _check_weight(weight) -> float:
     if isinstance(weight, torch.Tensor) and weight.numel() == 1:
         weight = weight.item()
+    if isinstance(weight, numbers.Real) and not isinstance(weight, (bool, int, float)):  # NumPy scalars, Fractions
+        weight = float(weight)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"weight: expected a finite number >= 0 (e.g. the client's sample count), got {weight!r}")
     return float(weight)
