@@ -149,8 +149,8 @@ def _decode_numpy(key: str, array: Array, copy: bool = True) -> torch.Tensor:
         tensor = torch.frombuffer(data, dtype=h.torch_dtype, count=count, offset=h.offset) if count else \
             torch.empty(0, dtype=h.torch_dtype)
         tensor = tensor.view(h.shape)
-        if copy and not widened:
-            tensor = tensor.clone()
+        if copy and not widened:  # not clone(): on a frombuffer tensor it runs at a few % of copy_'s speed
+            tensor = torch.empty(h.shape, dtype=h.torch_dtype).copy_(tensor)
     else:
         values = np.frombuffer(data, dtype=h.dtype, count=count, offset=h.offset).reshape(h.shape, order="F" if h.fortran else "C")
         values = np.ascontiguousarray(values.astype(h.dtype.newbyteorder("="), copy=True))

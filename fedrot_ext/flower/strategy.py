@@ -273,7 +273,8 @@ class FedRotLoRA(FedAvg):
                 f"FedRotLoRA.aggregate_train(server_round={server_round}): no global adapter was sent for this round; "
                 "call configure_train first (Strategy.start does)"
             )
-        return arrayrecord_to_state_dict(self._sent[1], device=self.device, like=self._dtypes)
+        # Views of the record's bytes (it lives until the next round is configured): the round only reads them.
+        return arrayrecord_to_state_dict(self._sent[1], device=self.device, like=self._dtypes, copy=False)
 
     def _frozen_keys(self, reference: Mapping[str, torch.Tensor], round_idx: int) -> List[str]:
         frozen = self.spec.frozen_factor(round_idx, self.initial)
