@@ -18,6 +18,7 @@
 #include "cpu/amx.h"
 #include "cpu/amx_covariance.h"
 #include "cpu/simd.h"
+#include "cpu/weighted_sum.h"
 
 namespace fedrot {
 namespace {
@@ -512,8 +513,7 @@ inline int tile_unit_t(int n) { return 16 * (4 / ((n + 15) / 16)); }
 
 // Whether the AMX tile kernels take any of `rows` rows of v: bf16 coefficient pairs for bucket R,
 // the tile state granted, an even rank, v dense along t (A kernel, at least one unit) or along j
-// (B kernel, at least one block of 16) in input and output. The one rule of both kernels and of the
-// sweep that precedes them (pull_unaligned_layer).
+// (B kernel, at least one block of 16) in input and output. The one rule of both kernels.
 template <typename scalar_t, int R>
 bool tiles_take(const FactorView& v, int n, int64_t rows) {
   if (!kAmxBucket<scalar_t, R> || !amx_usable() || tile_depth(n) == 0) return false;
@@ -916,6 +916,7 @@ int64_t aggregate_tiles(const GroupParams& p, const FactorView& v, int n, int64_
 template <typename scalar_t, typename acc_t, int R>
 void aggregate_chunk(const GroupParams& p, const FactorView& v, int n, int64_t t0, int64_t rows, bool& finite,
                      Prefetcher* prefetch = nullptr) {
+  if (plain_average_layer<acc_t>(p, v.layer)) return weighted_sum_rows<scalar_t, acc_t>(p, v, n, t0, rows, finite);
   const int64_t done = aggregate_tiles<scalar_t, acc_t, R>(p, v, n, t0, rows, all_clients<acc_t>(p, prefetch), finite);
   if (done < rows) aggregate_rows_any<scalar_t, acc_t, R>(p, v, n, t0 + done, rows - done, finite);
 }
@@ -1004,32 +1005,6 @@ void add_layer_start(Prefetcher& prefetch, const GroupParams& p, int64_t l) {
   }
 }
 
-// Reads the dense client factors of each view of layer l that the AMX kernels will take
-// (tiles_take) once, a load per line in address order, when no view of the layer aligns: with no
-// covariance to bring them into L2 first, those kernels' N·n short row streams (units of 16 to 64
-// columns) read DRAM at about a quarter of the copy bandwidth, while one sequential sweep runs at
-// the streamer's rate and leaves them in L2. Paired, align "none" bf16:
-// RoBERTa N = 10 r = 16 0.76-0.82, N = 3 r = 64 0.95, Llama N = 3 r = 16 0.97. The AVX-512 kernels
-// stream well already (Llama N = 10 r = 4: 1.21 with a sweep), as does the covariance where a view
-// aligns (1.03-1.05).
-template <typename scalar_t, int R>
-void pull_unaligned_layer(const GroupParams& p, int64_t l) {
-  if (p.views[2 * l].ref != nullptr || p.views[2 * l + 1].ref != nullptr) return;
-  const int n = p.layers[l].n;
-  for (int f = 0; f < 2; ++f) {
-    const FactorView& v = p.views[2 * l + f];
-    if (!dense_block(v.stride_t, v.stride_j, v.rows, n) || !tiles_take<scalar_t, R>(v, n, std::min(kChunkRows, v.rows)))
-      continue;
-    const int64_t size = v.rows * n * int64_t(sizeof(scalar_t));
-    char sink = 0;
-    for (int64_t i = 0; i < p.num_clients; ++i) {
-      const char* bytes = static_cast<const char*>(v.x[i]);
-      for (int64_t c = 0; c < size; c += 64) sink ^= bytes[c];
-    }
-    __asm__ volatile("" ::"r"(sink));  // the loads are kept for their side effect
-  }
-}
-
 // Layer l: its rotations, then its aggregates. When its clients fit the L2 budget, by row chunks
 // over all clients, which the covariances left in L2. Else a few clients at a time: their
 // rotations, then the tile kernels for those clients (Clients; partial: R × rows sums of both views),
@@ -1040,8 +1015,8 @@ template <typename scalar_t, typename acc_t, int R>
 void align_and_aggregate_layer(const GroupParams& p, int64_t l, int64_t next, std::vector<acc_t>& partial,
                                CovarianceTiles& tiles) {
   const int64_t first = l * p.num_clients;
-  if (layer_client_bytes<scalar_t>(p, l) <= l2_budget_bytes()) {
-    pull_unaligned_layer<scalar_t, R>(p, l);
+  // A plain average reads each client once (weighted_sum_rows), so it needs no client groups.
+  if (layer_client_bytes<scalar_t>(p, l) <= l2_budget_bytes() || plain_average_layer<acc_t>(p, l)) {
     rotate_clients<scalar_t, acc_t, R>(p, first, first + p.num_clients, tiles);
     Prefetcher prefetch;
     if (next >= 0) add_layer_start<scalar_t>(prefetch, p, next);

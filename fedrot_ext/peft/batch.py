@@ -101,8 +101,8 @@ def _check_factors(state, label: str, module: LoraModule, first, first_label: st
 
 
 def _metadata(state) -> list:
-    """(shape, dtype) of every tensor, in key order."""
-    return [(t.shape, t.dtype) for t in state.values()]
+    """(shape, dtype, device) of every tensor, in key order."""
+    return [(t.shape, t.dtype, t.device) for t in state.values()]
 
 
 def collect_clients(client_states: Sequence[Mapping[str, torch.Tensor]], labels: Optional[List[str]] = None) -> ClientBatch:
@@ -133,18 +133,19 @@ def collect_clients(client_states: Sequence[Mapping[str, torch.Tensor]], labels:
     if not modules:
         raise ValueError(f"{labels[0]}: no LoRA factor keys found (expected keys like '<module>.lora_A.weight' and '<module>.lora_B.weight')")
     device = states[0][modules[0].key_A].device
-    for state, label in zip(states, labels):
-        for key, t in state.items():
-            if t.device != device:
-                raise ValueError(f"{label}[{key!r}]: expected device {device} (as every client tensor), got {t.device}")
     first = states[0]
     keys0, meta0 = list(first), _metadata(first)
     ranks0 = [_check_factors(first, labels[0], m, first, labels[0]) for m in modules]
     ranks = [[r] for r in ranks0]
-    for state, label in zip(states[1:], labels[1:]):
-        if list(state) == keys0 and _metadata(state) == meta0:  # every check below would pass: the common case
+    for i, (state, label) in enumerate(zip(states, labels)):
+        if i > 0 and list(state) == keys0 and _metadata(state) == meta0:  # every check below would pass: the common case
             for m, r in zip(ranks, ranks0):
                 m.append(r)
+            continue
+        for key, t in state.items():
+            if t.device != device:
+                raise ValueError(f"{label}[{key!r}]: expected device {device} (as every client tensor), got {t.device}")
+        if i == 0:
             continue
         for m, module in zip(ranks, modules):
             m.append(_check_factors(state, label, module, first, labels[0]))

@@ -216,7 +216,11 @@ def test_zero_reference_gives_identity_and_fedit(device):
     out = fedrot_ext.align_and_aggregate(p.A, p.B, ref_B=ref_B, align="B", lam=0.5, return_rotations=True)
     fedit = fedrot_ext.align_and_aggregate(p.A, p.B, align="none")
     assert torch.equal(out.rotations[0].cpu(), torch.eye(4).expand(3, 4, 4)), f"seed={p.seed}"
-    assert torch.equal(out.A[0], fedit.A[0]) and torch.equal(out.B[0], fedit.B[0]), f"seed={p.seed}"
+    # The same sums, by the general kernels (the identity is found as the rotations are solved) against
+    # the plain weighted sum of unaligned layers (cpu/weighted_sum.h): equal to a few roundings of the
+    # largest value (3 clients, fp32).
+    for got, want in ((out.A[0], fedit.A[0]), (out.B[0], fedit.B[0])):
+        torch.testing.assert_close(got, want, rtol=0.0, atol=float(want.abs().max()) * 2.0**-21, msg=f"seed={p.seed}")
 
 
 @pytest.mark.parametrize("lam", [0.5, 1.0])
