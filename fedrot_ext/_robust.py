@@ -69,6 +69,10 @@ def invalid_clients(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> Dic
     }
 
 
+class AllClientsInvalid(ValueError):
+    """on_invalid="skip" dropped every client: nothing is left to aggregate."""
+
+
 def surviving_weights(weights, N: int, bad, device, acc: torch.dtype, what: str) -> Tuple[List[int], torch.Tensor]:
     """The clients left after dropping `bad`, and their weights renormalised exactly as a call
     without the dropped clients would normalise them.
@@ -88,7 +92,7 @@ def surviving_weights(weights, N: int, bad, device, acc: torch.dtype, what: str)
     """
     kept = [i for i in range(N) if i not in bad]
     if not kept:
-        raise ValueError(f"{what}: all {N} clients hold NaN or Inf; nothing left to aggregate")
+        raise AllClientsInvalid(f"{what}: all {N} clients hold NaN or Inf; nothing left to aggregate")
     raw = raw_weights(weights, N).to("cpu", torch.float64)
     if not bool(raw[kept].sum() > 0):
         raise ValueError("weights: every valid client has weight 0; nothing left to aggregate")

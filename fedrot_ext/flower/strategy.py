@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from .._checks import check_lam_or_auto
 from ..methods import check_initial, get_method
 from ..metrics import state_dict_aggregation_error
+from .._robust import AllClientsInvalid
 from ..peft.aggregate import AggregatedState, aggregate_state_dicts
 from ..peft.keys import parse_lora_keys
 from ..peft.streaming import StreamingAggregator, streaming_supported
@@ -327,9 +328,7 @@ class FedRotLoRA(FedAvg):
         nodes = summary.accepted[-len(rows):]
         try:
             aggregated, seconds = self._aggregate(states, weights, reference, round_idx)
-        except ValueError as err:
-            if "nothing left to aggregate" not in str(err):  # every reply held NaN/Inf
-                raise
+        except AllClientsInvalid:  # every reply held NaN/Inf
             aggregated, seconds = None, 0.0
         dropped = dict(aggregated.dropped) if aggregated is not None else dict.fromkeys(range(len(rows)), "every reply did")
         for i, reason in sorted(dropped.items()):

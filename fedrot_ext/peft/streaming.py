@@ -216,14 +216,13 @@ class StreamingAggregator:
             self._first_kept = self._first_kept or label  # later clients are compared with this one
             self._pending.append((index, batch, client_state, weight, label))
             return self._flush() if len(self._pending) >= self._group else True
-        keys = factor_keys(batch) + [k for k in batch.other_keys if client_state[k].is_floating_point()]
-        bad = nonfinite_index([client_state[k] for k in keys])
-        if bad is None and self._accumulate(batch, client_state, weight, label):  # touches no sum unless it succeeds
+        where = _nonfinite_at(batch, client_state, label)
+        if where is None and self._accumulate(batch, client_state, weight, label):  # touches no sum unless it succeeds
             self._weights.append(weight)
             return True
-        if bad is None:
-            raise overflow_error("client_states", {client_state[m.key_A].dtype for m in batch.modules})
-        return self._refuse(index, weight, f"{label}[{keys[bad]!r}]")
+        if where is None:
+            raise _overflow(batch, client_state)
+        return self._refuse(index, weight, where)
 
     def _refuse(self, index: int, weight: float, where: str) -> bool:
         """A client holding NaN/Inf at `where`: raise, or record it as dropped (False). Until a client is
@@ -248,17 +247,13 @@ class StreamingAggregator:
         if self._accumulate_clients(items):
             self._weights.extend(item[3] for item in items)
             return True
-        wheres = {}
-        for index, batch, state, _, label in items:
-            keys = factor_keys(batch) + [k for k in batch.other_keys if state[k].is_floating_point()]
-            bad = nonfinite_index([state[k] for k in keys])
-            if bad is not None:
-                wheres[index] = f"{label}[{keys[bad]!r}]"
+        wheres = {index: _nonfinite_at(batch, state, label) for index, batch, state, _, label in items}
+        wheres = {index: where for index, where in wheres.items() if where is not None}
         if not wheres:
-            raise overflow_error("client_states", {items[0][2][m.key_A].dtype for m in items[0][1].modules})
+            raise _overflow(items[0][1], items[0][2])
         good = [item for item in items if item[0] not in wheres]
         if good and not self._accumulate_clients(good):
-            raise overflow_error("client_states", {good[0][2][m.key_A].dtype for m in good[0][1].modules})
+            raise _overflow(good[0][1], good[0][2])
         first_error, kept = None, True
         for index, _, _, weight, _ in items:  # in arrival order, as one at a time would record them
             if index not in wheres:
@@ -440,6 +435,18 @@ class StreamingAggregator:
             deltas = add_delta_noise(deltas, scalings, self._policy, w)
         check_finite_deltas(deltas)
         return deltas
+
+
+def _nonfinite_at(batch: ClientBatch, state, label: str) -> Optional[str]:
+    """``label[key]`` of the first floating tensor of a client holding NaN/Inf (factors first), or None."""
+    keys = factor_keys(batch) + [k for k in batch.other_keys if state[k].is_floating_point()]
+    bad = nonfinite_index([state[k] for k in keys])
+    return None if bad is None else f"{label}[{keys[bad]!r}]"
+
+
+def _overflow(batch: ClientBatch, state) -> ValueError:
+    """A set status with finite clients: a half-precision sum overflowed."""
+    return overflow_error("client_states", {state[m.key_A].dtype for m in batch.modules})
 
 
 def _check_weight(weight) -> float:
