@@ -17,7 +17,7 @@ from ..methods import METHODS, get_method
 from ..peft.io import ADAPTER_FILE
 from ..schedule import SCHEDULES, alignment_for_round
 from .adapters import InputError, check_compatible, check_config_ranks, client_weights, output_config, read_adapter
-from .output import check_report_path, check_writable, recover_interrupted_swap, write_adapter, write_text_atomically
+from .output import check_report_path, check_writable, recover_interrupted_swap, write_adapter, stage_text_file
 from .report import build_report
 
 PROG = "fedrot-aggregate"
@@ -132,7 +132,7 @@ def run(args) -> dict:
     report["out"] = str(out)
     report["base_deltas_file"] = "base_deltas.safetensors" if base_deltas else None
     try:  # written beside its place first: a failure leaves both the report and OUT_DIR as they were
-        staged = write_text_atomically(Path(args.report), json.dumps(report, indent=1) + "\n")
+        staged = stage_text_file(Path(args.report), json.dumps(report, indent=1) + "\n")
     except OSError as err:
         raise InputError(f"{args.report}: could not write the report ({err})") from None
     try:

@@ -92,7 +92,7 @@ def check_report_path(report: Path, overwrite: bool, inputs: Iterable[Path], out
         raise InputError(f"{_parent(report)}: not a writable directory (needed for {report})")
 
 
-def write_text_atomically(path: Path, text: str) -> Path:
+def stage_text_file(path: Path, text: str) -> Path:
     """`text` in a temporary file beside `path`, to be put in place with os.replace; returns that file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=_parent(path))
     try:

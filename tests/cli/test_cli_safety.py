@@ -108,7 +108,7 @@ def test_a_failed_report_write_writes_nothing(tree, monkeypatch, capsys):
     def fail(path, text):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sys.modules["fedrot_ext.cli.main"], "write_text_atomically", fail)
+    monkeypatch.setattr(sys.modules["fedrot_ext.cli.main"], "stage_text_file", fail)
     report = tree["work"].parent / "report.json"
     assert run(tree, tree["work"] / "out", "--report", str(report)) == 2
     assert "could not write the report" in capsys.readouterr().err
