@@ -17,7 +17,7 @@ from ..methods import METHODS, get_method
 from ..peft.io import ADAPTER_FILE
 from ..schedule import SCHEDULES, alignment_for_round
 from .adapters import InputError, check_compatible, check_config_ranks, client_weights, output_config, read_adapter
-from .output import check_report_path, check_writable, recover_interrupted_swap, write_adapter, stage_text_file
+from .output import check_report_path, check_writable, recover_interrupted_swap, stage_text_file, write_adapter
 from .report import build_report
 
 PROG = "fedrot-aggregate"
