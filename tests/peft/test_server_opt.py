@@ -128,3 +128,71 @@ def test_bad_states_raise():
         opt.step({"a": torch.zeros(2)}, {"a": torch.tensor([0.0, float("nan")])})
     with pytest.raises(ValueError, match="kind 'adam'"):
         ServerOptimizer("yogi").load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("inf")), dict(lr=float("nan")), dict(tau=float("inf")), dict(lr="0.1"), dict(lr=True)])
+def test_non_finite_or_non_numeric_options_raise(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ServerOptimizer("adam", **bad)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (dict(beta_1=5.0), "beta_1"),
+        (dict(lr=-1.0), "lr"),
+        (dict(tau=0.0), "tau"),
+        (dict(steps=-5), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(m={"a": torch.tensor([1.0, float("nan")])}), r"state\['m'\]\['a'\]"),
+        (dict(v={"a": -torch.ones(3, 4, dtype=torch.float64)}), r"state\['v'\]\['a'\]"),
+        (dict(v={"a": torch.ones(2, 2, dtype=torch.float64)}), "same keys and shapes"),
+        (dict(m="moments"), "mapping"),
+    ],
+)
+def test_load_state_dict_refuses_bad_values_and_keeps_its_state(edit, match):
+    ref, aggs = _rounds(5, 2)
+    opt = ServerOptimizer("adam", 0.2)
+    opt.step(ref, aggs[0])
+    before = opt.state_dict()
+    state = dict(before, **edit)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert {k: v for k, v in after.items() if k not in ("m", "v", "master")} == {k: v for k, v in before.items() if k not in ("m", "v", "master")}
+    assert all(torch.equal(after["m"][k], before["m"][k]) and torch.equal(after["v"][k], before["v"][k]) for k in before["m"])
+
+
+def test_moments_of_another_rank_are_refused_not_broadcast():
+    opt = ServerOptimizer("adam")
+    opt.step({"a": torch.zeros(1, 4)}, {"a": torch.ones(1, 4)})
+    with pytest.raises(ValueError, match=r"moments from earlier steps have shape \(1, 4\)"):
+        opt.step({"a": torch.zeros(2, 4)}, {"a": torch.ones(2, 4)})
+    assert opt.steps == 1
+
+
+def test_bf16_global_keeps_a_float64_master_copy_so_small_steps_add_up():
+    """Adam at lr 1e-3 moves every entry by about 1e-3 a round, below half a bfloat16 ulp of values near 1:
+    the master copy adds the steps up, where rounding every round to bfloat16 would lose each of them."""
+    g = torch.Generator().manual_seed(21)
+    start = {"a": (torch.rand(13, 20, generator=g) + 0.5).bfloat16()}
+    opt, x = ServerOptimizer("adam", 1e-3), start
+    for _ in range(20):
+        x = opt.step(x, {"a": (x["a"].float() + 0.05).bfloat16()})  # clients push every entry up
+    assert bool((x["a"] > start["a"]).all())  # all 260 entries moved
+    assert torch.equal(x["a"], opt.master["a"].bfloat16())
+    moved = opt.master["a"] - start["a"].double()
+    assert 0.75 * 20e-3 < float(moved.min()) and float(moved.max()) < 1.05 * 20e-3  # 20 steps of about lr each
+    other = {"a": torch.zeros(13, 20).bfloat16()}  # a reference that is not the master copy rounded: start from it
+    y = opt.step(other, {"a": other["a"] + 1})
+    assert float(y["a"].float().abs().max()) < 0.01
+
+
+def test_step_on_a_merge_keeps_the_merged_state_type():
+    g = torch.Generator().manual_seed(4)
+    key = lambda f: f"base_model.model.layer0.lora_{f}.weight"  # noqa: E731
+    clients = [{key("A"): torch.randn(2, 6, generator=g), key("B"): torch.randn(5, 2, generator=g)} for _ in range(3)]
+    merged = fedrot_ext.merge_adapters(clients)
+    out = ServerOptimizer("avgm", 1.0).step(clients[0], merged)
+    assert type(out) is type(merged) and out.iterations == merged.iterations and out.errors == merged.errors
+    torch.testing.assert_close(out[key("A")], merged[key("A")], rtol=0, atol=1e-6)
