@@ -23,7 +23,7 @@ from ._stacking import pad_rank
 from ._types import module_align
 from .metrics import _error_of
 from .peft.aggregate import AggregatedState, _average_others, _check_overflow, _fused_average
-from .peft.batch import FactorSet, collect_clients, collect_reference, stack_factors, stack_others
+from .peft.batch import FactorSet, collect_clients, collect_reference, rescale_padded, stack_factors, stack_others
 
 __all__ = ["MergedState", "merge_adapters"]
 
@@ -80,6 +80,7 @@ def merge_adapters(
     iterations: int = 10,
     tol: float = 1e-6,
     allow_reflection: bool = False,
+    lora_config=None,
 ) -> MergedState:
     """Merge N independently trained peft adapters into one, by generalised Procrustes.
 
@@ -93,6 +94,8 @@ def merge_adapters(
         iterations: the most align-and-average passes (>= 1).
         tol: stop once the relative change of the merged factors is below it (>= 0).
         allow_reflection: rotate over O(r) instead of SO(r).
+        lora_config: the adapters' LoraConfig; required when ranks differ, so that each adapter keeps its
+            own LoRA scaling when zero-padded (as in :func:`fedrot_ext.aggregate_state_dicts`).
 
     Returns:
         :class:`MergedState`: the merged adapter (keys, key order and dtypes of the clients;
@@ -110,12 +113,14 @@ def merge_adapters(
     if reference is None:
         ranks = [max(rs) for rs in batch.ranks]
         A, B = stack_factors(batch, ranks)
+        rescale_padded(batch, A, B, lora_config)
         heaviest = int(torch.argmax(w))
         refs = FactorSet([a[heaviest] for a in A], [b[heaviest] for b in B], ranks)
     else:
         refs = collect_reference(reference, batch, "AB")
         ranks = [max(rs + [r]) for rs, r in zip(batch.ranks, refs.rank)]
         A, B = stack_factors(batch, ranks)
+        rescale_padded(batch, A, B, lora_config)
     others = _average_others(batch, stack_others(batch), w)
 
     aligns = [module_align(align, m.embedding) for m in batch.modules]

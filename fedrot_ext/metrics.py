@@ -110,7 +110,8 @@ def _error_of(A, B, agg_A, agg_B, w: torch.Tensor) -> AggregationError:
 
 
 def state_dict_aggregation_error(
-    client_states: Sequence[Mapping[str, torch.Tensor]], aggregated: Mapping[str, torch.Tensor], *, weights=None
+    client_states: Sequence[Mapping[str, torch.Tensor]], aggregated: Mapping[str, torch.Tensor], *, weights=None,
+    lora_config=None,
 ) -> Dict[str, Tuple[float, float]]:
     """:func:`aggregation_error` over peft state dicts, per LoRA module.
 
@@ -118,6 +119,8 @@ def state_dict_aggregation_error(
         client_states: N peft adapter state dicts (see :func:`fedrot_ext.aggregate_state_dicts`).
         aggregated: the aggregated state dict (its lora_A/lora_B factors are compared).
         weights: (N,) client weights as used for the aggregation; None means uniform.
+        lora_config: the clients' LoraConfig; required when ranks differ (each client's update is
+            taken at its own LoRA scaling, in the units of the aggregate's rank, as the aggregation takes it).
 
     Returns:
         {module name: (absolute, relative)} as Python floats (one host synchronisation).
@@ -126,11 +129,13 @@ def state_dict_aggregation_error(
         ValueError/TypeError naming the client and key for malformed client states, or
         ``aggregated`` and the key for a missing or mis-shaped factor.
     """
-    from .peft.batch import collect_clients, collect_reference, stack_factors  # the peft layer imports this module
+    from .peft.batch import collect_clients, collect_reference, rescale_padded, stack_factors  # the peft layer imports this module
 
     batch = collect_clients(client_states)
     agg = collect_reference(aggregated, batch, "AB", label="aggregated")
-    A, B = stack_factors(batch, [max(ranks) for ranks in batch.ranks])  # names the client and key of a NaN
+    ranks = [max(rs + [r]) for rs, r in zip(batch.ranks, agg.rank)]
+    A, B = stack_factors(batch, ranks)  # names the client and key of a NaN
+    rescale_padded(batch, A, B, lora_config)
     w = normalized_weights(weights, len(batch.states), batch.device, torch.float64)
     result = _error_of(A, B, agg.A, agg.B, w)  # float64 a chunk of modules at a time (they may differ in dtype)
     values = torch.stack([result.absolute, result.relative], dim=1).tolist()

@@ -15,7 +15,7 @@ from ..peft.io import ADAPTER_FILE, load_adapter
 
 CONFIG_FILE = "adapter_config.json"
 # Config fields that change what the factors mean: clients must agree on them (ranks: see check_compatible).
-MUST_MATCH = ("peft_type", "target_modules", "lora_alpha", "use_rslora", "fan_in_fan_out")
+MUST_MATCH = ("peft_type", "target_modules", "lora_alpha", "alpha_pattern", "use_rslora", "fan_in_fan_out")
 RANK_FIELDS = ("r", "rank_pattern")
 
 
@@ -56,7 +56,7 @@ def read_adapter(path) -> Adapter:
 def _normalized(field: str, value):
     if field == "target_modules" and isinstance(value, (list, tuple, set)):
         return sorted(value)
-    if field == "rank_pattern":
+    if field in ("rank_pattern", "alpha_pattern"):
         return dict(sorted((value or {}).items()))
     return value
 

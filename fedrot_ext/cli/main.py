@@ -108,7 +108,7 @@ def run(args) -> dict:
             except ImportError as err:
                 raise InputError(f"--merge: fedrot_ext.merge_adapters is not available in this install ({err})") from None
 
-            aggregated = merge_adapters(states, weights=weights, align="AB", reference=ref_state)
+            aggregated = merge_adapters(states, weights=weights, align="AB", reference=ref_state, lora_config=config)
             align, method, lam = "AB", "merge", 1.0  # generalised Procrustes: hard rotations
         else:
             aggregated = _aggregate(states, ref_state, weights, args, config)
@@ -128,7 +128,7 @@ def run(args) -> dict:
         return summary
     kept = [i for i in range(len(states)) if i not in set(summary["dropped"])]
     report = build_report(method=method, align=align, lam=lam, lam_used=lam_used, clients=states, kept=kept, weights=weights,
-                          reference=ref_state, aggregated=aggregated, dirs=args.clients)
+                          reference=ref_state, aggregated=aggregated, dirs=args.clients, lora_config=config)
     report["out"] = str(out)
     report["base_deltas_file"] = "base_deltas.safetensors" if base_deltas else None
     try:  # written beside its place first: a failure leaves both the report and OUT_DIR as they were
@@ -157,10 +157,9 @@ def _name_files(message: str, dirs: List[str], reference: Optional[str]) -> str:
 def _aggregate(states, ref_state, weights, args, config):
     from ..peft.aggregate import aggregate_state_dicts
 
-    spec = get_method(args.method)
     return aggregate_state_dicts(
         states, reference=ref_state, weights=weights, method=args.method, round=args.round, lam=args.lam,
-        schedule=args.schedule, lora_config=config if spec.dense else None, on_invalid=args.on_invalid,
+        schedule=args.schedule, lora_config=config, on_invalid=args.on_invalid,
         clip_norm=args.clip_norm,
     )
 

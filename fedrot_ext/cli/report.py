@@ -47,7 +47,7 @@ def _summary(values: Sequence[float]) -> Optional[Dict[str, float]]:
 
 
 def build_report(*, method: str, align: Optional[str], lam, lam_used: Dict[str, float], clients, kept, weights, reference,
-                 aggregated, dirs) -> dict:
+                 aggregated, dirs, lora_config=None) -> dict:
     """`lam`: the setting (a float or "auto"); `lam_used`: {module: λ} as applied; `kept`: indices of
     the clients that were aggregated (all minus the dropped ones)."""
     kept_states = [clients[i] for i in kept]
@@ -55,7 +55,7 @@ def build_report(*, method: str, align: Optional[str], lam, lam_used: Dict[str, 
     errors = {}
     if (method == "merge" or get_method(method).factor_error) and kept_states:  # a merge outputs factors
         errors = {name: {"absolute": a, "relative": r} for name, (a, r) in
-                  state_dict_aggregation_error(kept_states, aggregated, weights=kept_weights).items()}
+                  state_dict_aggregation_error(kept_states, aggregated, weights=kept_weights, lora_config=lora_config).items()}
     angles = None
     if align not in (None, "none") and reference is not None:
         angles = _summary(_rotation_angles(kept_states, reference, align, lam_used or {}))

@@ -104,7 +104,8 @@ class FedRotLoRA(FedAvg):
         allow_reflection: rotate over O(r) instead of SO(r) (fedrot).
         lora_config: the clients' peft ``LoraConfig``; required by fedex and flora, whose
             base-weight updates are accumulated in :attr:`base_deltas` and sent to clients
-            under :data:`BASE_DELTAS_KEY`.
+            under :data:`BASE_DELTAS_KEY`, and by every method when client ranks differ (each
+            client's update keeps its own LoRA scaling through the zero-padding).
         device: where the server aggregates ("cpu", "cuda", ...).
         aggregate_options: further keyword arguments for :func:`fedrot_ext.aggregate_state_dicts`
             (for example ``clip_norm`` or ``noise_multiplier``), passed unchanged every round.
@@ -359,7 +360,7 @@ class FedRotLoRA(FedAvg):
         return aggregated, seconds + tail, contents, {}
 
     def _error_metrics(self, prefix: str, states, aggregated, weights) -> Dict[str, float]:
-        errors = state_dict_aggregation_error(states, aggregated, weights=weights)
+        errors = state_dict_aggregation_error(states, aggregated, weights=weights, lora_config=self.lora_config)
         relative = [rel for _, rel in errors.values()]
         return {f"{prefix}-error-rel-mean": sum(relative) / len(relative), f"{prefix}-error-rel-max": max(relative)}
 

@@ -5,12 +5,16 @@ factors of all modules in one fused op call. Client-side placement:
 :func:`align_state_dict` rotates one client's factors before upload, and the server
 runs plain FedAvg (``method="fedit"``); both give the same result to rounding.
 
-Heterogeneous ranks (one module with different ranks on different clients) are
-zero-padded to the largest rank, HetLoRA-style, for fedrot, fedit and fedex's factor
-average (a zero row of A with a zero column of B adds nothing to B A); flexlora,
-flora and fedex's residual are exact for them. The result has the largest rank; a
-client with a smaller rank keeps the leading rows of A / columns of B. ffa, rolora
-and fedsa need equal ranks and raise otherwise.
+Heterogeneous ranks (one module with different ranks on different clients, or a
+reference of another rank) are zero-padded to the largest rank, HetLoRA-style, for
+fedrot, fedit and fedex's factor average (a zero row of A with a zero column of B adds
+nothing to B A); flexlora, flora and fedex's residual are exact for them. The result
+has the largest rank r_out. peft scales a rank-r client's update by s_r = alpha / r
+(alpha / √r with rsLoRA), and the result loads at s_out, so a padded client's factors
+are both multiplied by √(s_r / s_out): its update keeps its own scaling. That needs the
+clients' ``lora_config`` (an error names it otherwise). Rotations are unchanged by it
+(a polar factor ignores positive scalings). ffa, rolora and fedsa need equal ranks and
+raise otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ from .._types import align_uses, module_align
 from ..baselines import fedex_terms, flexlora_factors, product_sums
 from ..methods import METHODS, Method, check_initial, get_method
 from ..schedule import alignment_for_round
-from .batch import ClientBatch, FactorSet, collect_clients, collect_reference, require_equal_ranks, stack_others
+from .batch import (
+    ClientBatch, FactorSet, collect_clients, collect_reference, padded_factors, require_equal_ranks, rescale_padded, stack_others,
+)
 from .model import module_scaling, to_base_layout
 from .policy import Policy, add_delta_noise, add_factor_noise, clip_clients, screen_clients
 
@@ -214,7 +220,7 @@ def _reads_in_place(spec: Method, frozen: Optional[str], policy: Policy) -> bool
     return spec.output == "factors" and not frozen and policy.clip_norm is None
 
 
-def _aggregate_in_place(batch: ClientBatch, refs: Optional[FactorSet], w, aligns, lam, allow_reflection: bool, ranks):
+def _aggregate_in_place(batch: ClientBatch, refs: Optional[FactorSet], w, aligns, lam, allow_reflection: bool, ranks, lora_config):
     """The factor methods at default settings: one fused op call over the clients' own tensors (no
     stack, no NaN/Inf pre-scan) plus the average of the non-factor tensors.
 
@@ -222,8 +228,8 @@ def _aggregate_in_place(batch: ClientBatch, refs: Optional[FactorSet], w, aligns
     into the sums, by a zero weight too), which the op's status and the averages' check report.
     Returns (new_A, new_B, others, λ per module), or None when something was flagged: the caller
     then screens the clients, which names the client and key (or the overflow)."""
-    A = [[pad_rank(s[m.key_A], r, 0) for s in batch.states] for m, r in zip(batch.modules, ranks)]
-    B = [[pad_rank(s[m.key_B], r, 1) for s in batch.states] for m, r in zip(batch.modules, ranks)]
+    A = [padded_factors(batch, m, r, 0, lora_config) for m, r in zip(batch.modules, ranks)]
+    B = [padded_factors(batch, m, r, 1, lora_config) for m, r in zip(batch.modules, ranks)]
     others = _average_others(batch, stack_others(batch, check=False), w)
     new_A, new_B, statuses, lams = _fused_average(A, B, refs, w, aligns, lam, allow_reflection)
     flags = [s.to("cpu", torch.float64) for s in statuses]
@@ -234,6 +240,11 @@ def _aggregate_in_place(batch: ClientBatch, refs: Optional[FactorSet], w, aligns
         return None
     chosen = values[len(flags):] if lam == "auto" else [lam] * len(lams)
     return new_A, new_B, others, chosen
+
+
+def _pads(batch: ClientBatch, ranks) -> bool:
+    """Whether some client's rank is below its module's aggregate rank (it is then zero-padded)."""
+    return any(r != rank for rs, rank in zip(batch.ranks, ranks) for r in rs)
 
 
 def _aggregate(client_states, reference, weights, method, round, lam, schedule, initial, allow_reflection, lora_config,
@@ -256,18 +267,20 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
         refs = collect_reference(reference, batch, aligns, check_finite=not in_place)
     ranks_of = lambda b: [max(rs + ([refs.rank[m]] if refs else [])) for m, rs in enumerate(b.ranks)]  # noqa: E731
     if in_place:
-        done = _aggregate_in_place(batch, refs, w, aligns, lam, allow_reflection, ranks_of(batch))
+        padded = lora_config is None and _pads(batch, ranks_of(batch))  # screened first: a dropped client may be the one padded
+        done = None if padded else _aggregate_in_place(batch, refs, w, aligns, lam, allow_reflection, ranks_of(batch), lora_config)
         if done is not None:
             new_A, new_B, others, chosen = done
             lam_used = dict(zip((m.name for m in batch.modules), chosen)) if align != "none" else {}
             return _assemble(batch, others, new_A, [None] * len(new_A) if spec.personal == "B" else new_B, {}, (), lam_used)
-        if refs is not None:  # flagged: the screening path below names the NaN/Inf reference key or client
+        if refs is not None:  # flagged or unscaled: the screening path below names the NaN/Inf reference key or client
             refs = collect_reference(reference, batch, aligns)
     batch, A, B, other_stacks, w, dropped = screen_clients(batch, weights, w, policy.on_invalid, ranks_of)
     scalings = [module_scaling(lora_config, m, rs, method) for m, rs in zip(batch.modules, batch.ranks)] if spec.dense else None
     others = _average_others(batch, other_stacks, w)
-    if policy.clip_norm is not None:
+    if policy.clip_norm is not None:  # each client in its own factor units, before it is rescaled to the padded rank
         clip_clients(A, B, policy.clip_norm, spec.clip_exponents(frozen))
+    rescale_padded(batch, A, B, lora_config)
 
     statuses, lams = [], []
     if spec.output == "refactor":
@@ -362,14 +375,16 @@ def aggregate_state_dicts(
         initial: first factor of the schedule; None means "A" for fedrot, "B" for rolora.
         allow_reflection: rotate over O(r) instead of SO(r) (``fedrot``).
         lora_config: the clients' peft LoraConfig (or adapter_config.json dict); required by
-            ``fedex`` and ``flora`` for the scaling and the base layout (``fan_in_fan_out``).
+            ``fedex`` and ``flora`` for the scaling and the base layout (``fan_in_fan_out``), and
+            by every method when ranks differ (each client keeps its own scaling, see above).
         on_invalid: "raise" (default) raises naming the client and key of a NaN/Inf in any of
             its floating tensors; "skip" drops such clients, renormalises the weights over the
             others (the result equals aggregating without them) and lists them in ``dropped``.
         clip_norm: if set, each client's whole update ‖ΔW_i‖_F over all LoRA modules (factor
             units, from r×r Grams) is clipped to it by scaling its factors before the method
             runs: √s_i on both for fedrot/fedit/flexlora/fedex/flora, s_i on the trained factor
-            for ffa/rolora, s_i on A for fedsa (details: :mod:`fedrot_ext.peft.policy`).
+            for ffa/rolora, s_i on A for fedsa (details: :mod:`fedrot_ext.peft.policy`). A client
+            of a smaller rank is clipped in its own factor units, before it is rescaled (see above).
         noise_multiplier: if > 0 (needs clip_norm), Gaussian noise of std
             noise_multiplier · clip_norm · max_i w_i on the aggregated (not copied) factors, and
             times each module's scaling on ``base_deltas``. Noise injection, NOT a formal

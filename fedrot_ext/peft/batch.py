@@ -15,6 +15,7 @@ import torch
 from .._checks import SUPPORTED_DTYPES
 from .._stacking import nonfinite_index, pad_rank
 from .keys import LoraModule, parse_lora_keys
+from .model import pad_client, rank_rescale
 
 
 @dataclass
@@ -216,7 +217,8 @@ def collect_reference(reference, batch: ClientBatch, factors, label: str = "refe
 
 
 def stack_factors(batch: ClientBatch, ranks: Sequence[int], check: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Stack every module's factors over clients, zero-padded to `ranks[m]`.
+    """Stack every module's factors over clients, zero-padded to `ranks[m]` (not yet rescaled to the
+    padded rank's LoRA scaling: see :func:`rescale_padded`).
 
     Args:
         batch: the validated clients.
@@ -235,6 +237,24 @@ def stack_factors(batch: ClientBatch, ranks: Sequence[int], check: bool = True) 
     if check:
         check_finite(batch, A + B, factor_keys(batch))
     return A, B
+
+
+def rescale_padded(batch: ClientBatch, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], lora_config) -> None:
+    """Multiply, in place, both factors of every client whose rank is below its stack's by
+    :func:`fedrot_ext.peft.model.rank_rescale`, so that its update keeps its own LoRA scaling."""
+    for m, module in enumerate(batch.modules):
+        rank = A[m].shape[1]
+        for i, (r, label) in enumerate(zip(batch.ranks[m], batch.labels)):
+            c = rank_rescale(lora_config, r, rank, f"{label}[{module.key_A!r}]")
+            if c != 1.0:
+                A[m][i].mul_(c)
+                B[m][i].mul_(c)
+
+
+def padded_factors(batch: ClientBatch, module: LoraModule, rank: int, dim: int, lora_config) -> List[torch.Tensor]:
+    """Every client's A (dim 0) or B (dim 1) of `module` at `rank`: its own tensor, or a rescaled padded copy."""
+    key = module.key_B if dim else module.key_A
+    return [pad_client(s[key], rank, dim, lora_config, f"{label}[{key!r}]") for s, label in zip(batch.states, batch.labels)]
 
 
 def factor_keys(batch: ClientBatch) -> List[str]:

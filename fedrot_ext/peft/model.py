@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from .._stacking import pad_rank
 from .keys import LoraModule, parse_factor_key
 
 PEFT_PREFIX = "base_model.model."
@@ -37,7 +38,7 @@ def _pattern_value(patterns: Optional[Mapping], path: str, default):
 
 
 def module_scaling(lora_config, module: LoraModule, factor_ranks: Sequence[int], method: str) -> float:
-    """LoRA scaling s of `module` under `lora_config` (a peft LoraConfig or its JSON dict).
+    """LoRA scaling s of `module`'s aggregate under `lora_config` (a peft LoraConfig or its JSON dict).
 
     Args:
         lora_config: the clients' shared LoraConfig (r, lora_alpha, rank_pattern,
@@ -47,7 +48,8 @@ def module_scaling(lora_config, module: LoraModule, factor_ranks: Sequence[int],
         method: the method that needs the scaling (for error messages).
 
     Returns:
-        alpha / r, or alpha / √r with ``use_rslora``.
+        alpha / r, or alpha / √r with ``use_rslora``, at the aggregate's rank r: the largest
+        of `factor_ranks` (clients of a smaller rank are rescaled to it by :func:`pad_client`).
 
     Raises:
         ValueError naming ``lora_config`` and the module: missing r/lora_alpha, a rank
@@ -66,7 +68,40 @@ def module_scaling(lora_config, module: LoraModule, factor_ranks: Sequence[int],
             f"lora_config: rank {r} for module {module.path!r} does not match its factors' rank "
             f"{sorted(set(factor_ranks))} (check r and rank_pattern)"
         )
-    return alpha / (math.sqrt(r) if _config_value(lora_config, "use_rslora", False) else r)
+    return alpha / _rank_divisor(lora_config, max(factor_ranks))
+
+
+def _rank_divisor(lora_config, rank: int) -> float:
+    """r in peft's scaling alpha / r, or √r with rsLoRA."""
+    return math.sqrt(rank) if _config_value(lora_config, "use_rslora", False) else float(rank)
+
+
+def rank_rescale(lora_config, rank: int, out_rank: int, where: str) -> float:
+    """The factor √(s_rank / s_out) by which both LoRA factors of a rank-`rank` update are multiplied
+    when zero-padded to `out_rank`, so that it keeps its own LoRA scaling: s_out · B′A′ = s_rank · B A
+    (s = alpha / r, or alpha / √r with rsLoRA; the clients share alpha, so it cancels).
+
+    Raises:
+        ValueError naming ``lora_config`` and `where` when the ranks differ and no config says
+        how peft scales (use_rslora).
+    """
+    if rank == out_rank:
+        return 1.0
+    if lora_config is None:
+        raise ValueError(
+            f"lora_config: required when ranks differ ({where} has rank {rank}, the aggregate {out_rank}): peft scales each "
+            "client's update by lora_alpha / r, and zero-padding must keep that scaling (pass the clients' LoraConfig)"
+        )
+    return math.sqrt(_rank_divisor(lora_config, out_rank) / _rank_divisor(lora_config, rank))
+
+
+def pad_client(t: torch.Tensor, rank: int, dim: int, lora_config, where: str) -> torch.Tensor:
+    """One client's LoRA factor zero-padded to `rank` along `dim` and rescaled by :func:`rank_rescale`
+    (a fresh tensor when padded; `t` itself when it already has the rank)."""
+    padded = pad_rank(t, rank, dim)
+    if padded is not t:
+        padded.mul_(rank_rescale(lora_config, t.shape[dim], rank, where))
+    return padded
 
 
 def to_base_layout(delta: torch.Tensor, module: LoraModule, lora_config) -> torch.Tensor:

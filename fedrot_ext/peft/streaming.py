@@ -28,8 +28,10 @@ from .aggregate import (
     NOT_AVERAGED, AggregatedState, _fused_average, _reads_in_place, check_finite_deltas, differs_error, frozen_reason, put_base_delta,
     require_lora_config, require_reference,
 )
-from .batch import ClientBatch, FactorSet, collect_clients, collect_reference, factor_keys, require_equal_ranks
-from .model import module_scaling
+from .batch import (
+    ClientBatch, FactorSet, collect_clients, collect_reference, factor_keys, padded_factors, require_equal_ranks, rescale_padded,
+)
+from .model import module_scaling, rank_rescale
 from .policy import Policy, add_delta_noise, add_factor_noise, clip_clients, dropped_reason, invalid_client_error
 
 __all__ = ["StreamingAggregator", "SUMMATIONS", "streaming_supported"]
@@ -64,10 +66,18 @@ class _RunningSum:
         self.comp.copy_(new).sub_(self.total).sub_(term)    # c = (t - s) - y
         self.total = new
 
-    def _grow(self, size: int, dim: int) -> None:
+    def _grow(self, size: int, dim: int, scale: float = 1.0) -> None:
+        """Zero-pad the rank to `size` and multiply by `scale` (the sums move to a larger rank's LoRA scaling)."""
         if size > self.total.shape[dim]:
             self.total = pad_rank(self.total, size, dim)
             self.comp = None if self.comp is None else pad_rank(self.comp, size, dim)
+        self.scale(scale)
+
+    def scale(self, factor: float) -> None:
+        if factor != 1.0:
+            self.total.mul_(factor)
+            if self.comp is not None:
+                self.comp.mul_(factor)
 
 
 class StreamingAggregator:
@@ -103,7 +113,9 @@ class StreamingAggregator:
     Heterogeneous ranks: without alignment (fedit, fedrot's round 0, fedex, flora) the
     accumulators zero-pad to the largest rank seen so far, as aggregate_state_dicts pads; a
     rotation depends on the padded size, so when aligning every client is padded to the
-    reference's rank and a larger client rank raises. ffa, rolora and fedsa need equal ranks.
+    reference's rank and a larger client rank raises. Each padded client keeps its own LoRA
+    scaling as in aggregate_state_dicts (lora_config is then required); when a larger rank
+    arrives, the sums so far are multiplied by the same ratio. ffa, rolora and fedsa need equal ranks.
 
     Summation and arrival order: the result depends on the order only through the rounding
     of the sums. A plain running sum of N terms has error ≲ N·u·Σ|w_i x_i| per entry
@@ -179,6 +191,7 @@ class StreamingAggregator:
         self._copies: Dict[str, torch.Tensor] = {}  # non-floating tensors and frozen factors of the first kept client
         self._sums: Dict[str, _RunningSum] = {}  # by state key; base deltas by module path
         self._ranks: List[set] = []  # ranks of the kept clients per module (for the LoRA scaling)
+        self._out_ranks: List[int] = []  # the rank of each module's sums (0 before the first kept client)
 
     @property
     def count(self) -> int:
@@ -284,6 +297,7 @@ class StreamingAggregator:
             self._template = {k: v.new_zeros(()).expand(v.shape) for k, v in state.items()}
             self._first_label = label
             self._ranks = [set() for _ in batch.modules]
+            self._out_ranks = [0] * len(batch.modules)
         else:
             batch = collect_clients([self._template, state], [self._first_label, label])
         if self.spec.equal_ranks:
@@ -294,13 +308,39 @@ class StreamingAggregator:
                 if r > ref_rank:
                     raise ValueError(f"{label}[{m.key_A!r}]: rank {r} exceeds the reference's {ref_rank}; StreamingAggregator pads "
                                      "every client to the reference's rank when aligning (aggregate_state_dicts pads to the largest)")
+        for m, (module, (r,)) in enumerate(zip(batch.modules, batch.ranks)):  # a padding needs lora_config: say so now
+            others = [self._out_ranks[m]] + [item[1].ranks[m][0] for item in self._pending]
+            rank_rescale(self._lora_config, r, max([r] + others) if self._refs is None else self._refs.rank[m], f"{label}[{module.key_A!r}]")
+            for other in others:
+                if other:
+                    rank_rescale(self._lora_config, other, max(other, r), f"{label}[{module.key_A!r}]")
         return batch
+
+    def _target_ranks(self, items) -> List[int]:
+        """Per module, the rank the clients of `items` are padded to: the reference's when aligning, else
+        the largest of theirs and of the sums so far."""
+        if self._refs is not None:
+            return list(self._refs.rank)
+        return [max([self._out_ranks[m]] + [batch.ranks[m][0] for batch in items]) for m in range(len(self._out_ranks))]
+
+    def _grow_sums(self, modules, ranks: List[int]) -> None:
+        """Move each module's sums to rank `ranks[m]` (zero-padded, rescaled to that rank's LoRA scaling)."""
+        for m, (module, rank) in enumerate(zip(modules, ranks)):
+            have = self._out_ranks[m]
+            if have and rank != have:
+                c = rank_rescale(self._lora_config, have, rank, module.key_A)
+                for key, dim in ((module.key_A, 0), (module.key_B, 1)):
+                    if key in self._sums:
+                        self._sums[key]._grow(rank, dim, c)
+                if module.path in self._sums:
+                    self._sums[module.path].scale(c * c)
+            self._out_ranks[m] = rank
 
     def _accumulate(self, batch: ClientBatch, state, weight: float, label: str) -> bool:
         """Rotate and add one client; False (no sum touched) when the op flagged a non-finite aggregate."""
         spec, frozen = self.spec, self._frozen
         self._check_identical(batch, state, label)
-        ranks = [self._refs.rank[m] if self._refs is not None else r for m, (r,) in enumerate(batch.ranks)]
+        ranks = self._target_ranks([batch])
         clip = self._policy.clip_norm is not None
         A = [pad_rank(state[m.key_A], r, 0).clone()[None] if clip else pad_rank(state[m.key_A], r, 0)[None]
              for m, r in zip(batch.modules, ranks)]
@@ -308,6 +348,7 @@ class StreamingAggregator:
              for m, r in zip(batch.modules, ranks)]
         if clip:  # in the clients' dtype, rounded as aggregate_state_dicts rounds its clipped stacks
             clip_clients(A, B, self._policy.clip_norm, spec.clip_exponents(frozen))
+        rescale_padded(batch, A, B, self._lora_config)  # padded tensors are fresh: rescaled in place
         # Into the op in the accumulate dtype: its output is then w_i · (rotated factors), unrounded.
         A = [a.to(accumulate_dtype(a.dtype)) for a in A]
         B = [b.to(accumulate_dtype(b.dtype)) for b in B]
@@ -317,6 +358,7 @@ class StreamingAggregator:
             return False
         dense = product_sums(A, B, w) if spec.dense else [None] * len(A)
         del A, B
+        self._grow_sums(batch.modules, ranks)
         for m, module in enumerate(batch.modules):
             self._ranks[m].add(batch.ranks[m][0])
             if frozen != "A":
@@ -338,13 +380,11 @@ class StreamingAggregator:
         """The factor methods: rotate and add the clients of `items` with one op call that reads them in
         place (rank-padded where smaller); False (no sum touched) when the op flagged a non-finite aggregate."""
         modules = items[0][1].modules
-        ranks = [self._refs.rank[m] if self._refs is not None else max(item[1].ranks[m][0] for item in items)
-                 for m in range(len(modules))]
+        ranks = self._target_ranks([item[1] for item in items])
         # Into the op in the accumulate dtype: its output is then Σ w_i · (rotated factors), unrounded.
-        A = [[pad_rank(item[2][mod.key_A], r, 0).to(accumulate_dtype(item[2][mod.key_A].dtype)) for item in items]
-             for mod, r in zip(modules, ranks)]
-        B = [[pad_rank(item[2][mod.key_B], r, 1).to(accumulate_dtype(item[2][mod.key_B].dtype)) for item in items]
-             for mod, r in zip(modules, ranks)]
+        A, B = ([[padded_factors(item[1], mod, r, dim, self._lora_config)[0] for item in items] for mod, r in zip(modules, ranks)]
+                for dim in (0, 1))
+        A, B = ([[t.to(accumulate_dtype(t.dtype)) for t in ts] for ts in X] for X in (A, B))
         w = torch.tensor([item[3] for item in items], dtype=torch.float64)
         new_A, new_B, statuses, _ = _fused_average(A, B, self._refs, w, self._aligns, self._lam, self._allow_reflection)
         del A, B
@@ -356,6 +396,7 @@ class StreamingAggregator:
         flags = torch.cat([*statuses, *(t.isfinite().all().logical_not().view(1) for t in others.values())])
         if bool(flags.any()):
             return False
+        self._grow_sums(modules, ranks)
         for m, module in enumerate(modules):
             self._ranks[m].update(item[1].ranks[m][0] for item in items)
             self._sum(module.key_A, new_A[m]).add(new_A[m], rank_dim=0)

@@ -107,3 +107,22 @@ def test_hints_name_the_command_option(tree, capsys):
     err = one_line(capsys)
     assert "(pass --on-invalid skip to drop this client)" in err and "on_invalid=" not in err
     shutil.rmtree(tree["root"] / "out", ignore_errors=True)
+
+
+def test_a_padded_client_keeps_its_own_lora_scaling(tree, tmp_path):
+    """fedit of a rank-2 client (weight 1) with a rank-4 one (weight 0): the written adapter, loaded at its
+    config's scaling alpha / 4, applies the update the rank-2 client trained at alpha / 2."""
+    from safetensors.torch import load_file
+
+    low = tiny_bert(torch.float32, r=2, rank_pattern={})
+    _, clients = make_round(low, 1, seed=24)
+    low_dir = _save(low, clients[0], tmp_path / "low")
+    assert run(tree, "--method", "fedit", "--weights", "1,0", clients=[low_dir, tree["clients"][0]], reference=False) == 0
+    out = tree["root"] / "out"
+    config = json.loads((out / "adapter_config.json").read_text())
+    got, trained = load_file(str(out / "adapter_model.safetensors")), load_file(str(low_dir / "adapter_model.safetensors"))
+    key_A = next(k for k in got if k.endswith("layer.0.attention.self.query.lora_A.weight"))
+    key_B = key_A.replace("lora_A", "lora_B")
+    assert config["r"] == 4 and got[key_A].shape[0] == 4
+    s_out, s_low = config["lora_alpha"] / 4, config["lora_alpha"] / 2
+    torch.testing.assert_close(s_out * got[key_B] @ got[key_A], s_low * trained[key_B] @ trained[key_A], rtol=1e-5, atol=1e-6)

@@ -180,15 +180,16 @@ def test_fedsa_shares_A_and_leaves_B_personal():
 
 
 def test_flexlora_on_state_dicts_is_exact_for_mixed_ranks():
+    """s_out B̄ Ā is the rank-k truncation of Σ w_i s_i B_i A_i: each client at its own LoRA scaling s_i = alpha / r_i."""
     _, clients = make_round(tiny_bert(torch.float64), 2, seed=5)
     _, low = make_round(tiny_bert(torch.float64, r=2, rank_pattern={}), 1, seed=6)
     clients = clients + low
     w = torch.tensor([1.0, 1.0, 2.0])
-    out = fedrot_ext.aggregate_state_dicts(clients, weights=w, method="flexlora")
+    out = fedrot_ext.aggregate_state_dicts(clients, weights=w, method="flexlora", lora_config=bert_lora_config())
     modules, _ = fedrot_ext.parse_lora_keys(clients[0])
     for m in modules:
-        P = sum(wi / w.sum() * c[m.key_B] @ c[m.key_A] for wi, c in zip(w, clients))
         k = max(c[m.key_A].shape[0] for c in clients)
+        P = sum(wi / w.sum() * (k / c[m.key_A].shape[0]) * c[m.key_B] @ c[m.key_A] for wi, c in zip(w, clients))  # s_i / s_out
         U, S, Vh = torch.linalg.svd(P)
         assert out[m.key_A].shape[0] == k
         assert rel_err(out[m.key_B] @ out[m.key_A], U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]) < 1e-10
@@ -200,3 +201,20 @@ def test_fedit_is_the_plain_factor_average():
     out = fedrot_ext.aggregate_state_dicts(clients, weights=w, method="fedit", round=3, lam=1.0)  # round/lam ignored
     for k in out:
         assert rel_err(out[k], sum(wi / w.sum() * c[k] for wi, c in zip(w, clients))) < 1e-12
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_flora_base_deltas_keep_each_clients_scaling_for_mixed_ranks(rslora):
+    """flora's base_deltas is Σ w_i s_i B_i A_i with s_i = alpha / r_i (alpha / √r_i with rsLoRA), in the base layout."""
+    config = bert_lora_config(use_rslora=rslora)
+    _, clients = make_round(tiny_bert(torch.float64), 2, seed=9)
+    _, low = make_round(tiny_bert(torch.float64, r=2, rank_pattern={}), 1, seed=10)
+    clients = clients + low
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    out = fedrot_ext.aggregate_state_dicts(clients, weights=w, method="flora", lora_config=config)
+    modules, _ = fedrot_ext.parse_lora_keys(clients[0])
+    for m in modules:
+        s = lambda r: 8 / (r ** 0.5 if rslora else r)  # noqa: E731
+        want = sum(wi / w.sum() * s(c[m.key_A].shape[0]) * c[m.key_B] @ c[m.key_A] for wi, c in zip(w, clients))
+        got = out.base_deltas[m.path]
+        assert rel_err(got.mT if m.embedding else got, want) < 1e-12, m.name

@@ -114,9 +114,12 @@ def test_weights_and_reference(clients):
 def test_mixed_ranks_zero_padded(clients):
     small = [dict(s) for s in clients]
     small[1] = {k: (v[:2] if "lora_A" in k else v[:, :2] if "lora_B" in k else v) for k, v in clients[1].items()}
-    merged = merge_adapters(small)
+    with pytest.raises(ValueError, match="lora_config: required when ranks differ"):
+        merge_adapters(small)
+    config = dict(r=R, lora_alpha=2 * R)
+    merged = merge_adapters(small, lora_config=config)
     assert merged[_key(0, "A")].shape == (R, D) and merged[_key(0, "B")].shape == (D, R)
-    again = fedrot_ext.state_dict_aggregation_error(small, merged)
+    again = fedrot_ext.state_dict_aggregation_error(small, merged, lora_config=config)
     for name, (_, rel) in merged.errors.items():
         assert rel == pytest.approx(again[name][1], rel=1e-9)
 

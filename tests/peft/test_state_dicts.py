@@ -7,7 +7,7 @@ import fedrot_ext
 from fedrot_ext import reference as ref_impl
 from fedrot_ext._types import module_align
 from helpers.peft_models import (
-    assert_states_equal, clone_states, live_state, load_into, make_round, stacked, tiny_bert, tiny_gpt2, to_device,
+    assert_states_equal, bert_lora_config, clone_states, live_state, load_into, make_round, stacked, tiny_bert, tiny_gpt2, to_device,
 )
 from helpers.problems import haar_rotations, rel_err
 
@@ -126,21 +126,35 @@ def test_gpt2_conv1d_fan_in_fan_out():
     load_into(tiny_gpt2(seed=1), out)
 
 
-def test_heterogeneous_ranks_zero_padded():
+@pytest.mark.parametrize("rslora", [False, True])
+def test_heterogeneous_ranks_zero_padded_keep_each_clients_scaling(rslora):
+    """A rank-2 client among rank-4 ones: zero-padded, and both factors multiplied by √(s_2 / s_4), so that
+    its update at the aggregate's scaling s_4 is the one it trained at s_2 (s = alpha / r, or alpha / √r)."""
+    config = bert_lora_config(use_rslora=rslora)
     low = tiny_bert(seed=0, r=2, rank_pattern={})
     ref, clients = make_round(tiny_bert(), 3, seed=5)  # rank 4 (2 on layer 1 value)
     _, low_clients = make_round(low, 1, seed=6)
     clients = clients[:2] + low_clients
-    out = fedrot_ext.aggregate_state_dicts(clients, method="fedit", weights=WEIGHTS)
+    with pytest.raises(ValueError, match=r"lora_config: required when ranks differ \(client_states\[2\]"):
+        fedrot_ext.aggregate_state_dicts(clients, method="fedit", weights=WEIGHTS)
+    out = fedrot_ext.aggregate_state_dicts(clients, method="fedit", weights=WEIGHTS, lora_config=config)
     modules, _ = fedrot_ext.parse_lora_keys(clients[0])
     w = WEIGHTS / WEIGHTS.sum()
-    pad_A = lambda a: torch.cat([a, a.new_zeros(4 - a.shape[0], a.shape[1])])  # noqa: E731
+    c = (4 / 2) ** (0.25 if rslora else 0.5)
+    pad_A = lambda a: torch.cat([a * c, a.new_zeros(4 - a.shape[0], a.shape[1])]) if a.shape[0] < 4 else a  # noqa: E731
+    pad_B = lambda b: torch.cat([b * c, b.new_zeros(b.shape[0], 4 - b.shape[1])], 1) if b.shape[1] < 4 else b  # noqa: E731
     for m in modules:
         r_max = max(c[m.key_A].shape[0] for c in clients)
         assert out[m.key_A].shape[0] == r_max and out[m.key_B].shape[1] == r_max
         if r_max == 4:
-            assert torch.allclose(out[m.key_A], sum(wi * pad_A(c[m.key_A]) for wi, c in zip(w, clients)), atol=1e-6)
-    fed = fedrot_ext.aggregate_state_dicts(clients, reference=ref, round=1)
+            torch.testing.assert_close(out[m.key_A], sum(wi * pad_A(c[m.key_A]) for wi, c in zip(w, clients)), rtol=0, atol=1e-6)
+            torch.testing.assert_close(out[m.key_B], sum(wi * pad_B(c[m.key_B]) for wi, c in zip(w, clients)), rtol=0, atol=1e-6)
+            # The padded client alone: its update at the aggregate's scaling is the one it trained.
+            alone = fedrot_ext.aggregate_state_dicts([clients[2], clients[0]], method="fedit", weights=[1, 0], lora_config=config)
+            s_low, s_out = 8 / (2 ** 0.5 if rslora else 2), 8 / (4 ** 0.5 if rslora else 4)
+            torch.testing.assert_close(s_out * alone[m.key_B] @ alone[m.key_A], s_low * clients[2][m.key_B] @ clients[2][m.key_A],
+                                       rtol=1e-5, atol=1e-6)
+    fed = fedrot_ext.aggregate_state_dicts(clients, reference=ref, round=1, lora_config=config)
     assert all(fed[k].shape == out[k].shape for k in out)
     with pytest.raises(ValueError, match=r"client_states\[2\]\['base_model.*word_embeddings.lora_embedding_A'\]: rank 2 differs"):
         fedrot_ext.aggregate_state_dicts(clients, method="fedsa")

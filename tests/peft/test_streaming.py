@@ -78,13 +78,13 @@ def test_raise_names_the_client_index_and_key():
     ref, clients = _round("fedrot", 1, torch.float32)
     key = next(k for k in clients[2] if "lora_A" in k)
     clients[2] = dict(clients[2], **{key: poisoned(clients[2][key])})
-    agg = fedrot_ext.StreamingAggregator(ref, round=1)
+    agg = fedrot_ext.StreamingAggregator(ref, round=1, lora_config=CONFIG)
     agg.add(clients[0])
     agg.add(clients[1])
     with pytest.raises(ValueError, match=rf"client_states\[2\]\['{key}'\]: expected finite values.*on_invalid='skip'"):
         agg.add(clients[2])
     agg.add(clients[3])  # a refused client leaves the sums as they were
-    want = fedrot_ext.aggregate_state_dicts([clients[i] for i in (0, 1, 3)], reference=ref, round=1)
+    want = fedrot_ext.aggregate_state_dicts([clients[i] for i in (0, 1, 3)], reference=ref, round=1, lora_config=CONFIG)
     assert agg.count == 3
     assert_same_state(agg.result(), want, **CLOSE[torch.float32])
 
@@ -119,8 +119,8 @@ def test_checks_match_aggregate_state_dicts():
 def test_non_floating_tensors_are_copied_and_must_agree():
     ref, clients = _round("fedit", 0, torch.float32)
     clients = [dict(c, **{"base_model.model.steps": torch.tensor([3, 4])}) for c in clients]
-    agg, _ = _stream(clients[:3], WEIGHTS, method="fedit")
-    want = fedrot_ext.aggregate_state_dicts(clients[:3], weights=WEIGHTS[:3], method="fedit")
+    agg, _ = _stream(clients[:3], WEIGHTS, method="fedit", lora_config=CONFIG)
+    want = fedrot_ext.aggregate_state_dicts(clients[:3], weights=WEIGHTS[:3], method="fedit", lora_config=CONFIG)
     assert_same_state(agg.result(), want, **CLOSE[torch.float32])
     with pytest.raises(ValueError, match="a non-floating tensor cannot be averaged"):
         agg.add(dict(clients[3], **{"base_model.model.steps": torch.tensor([3, 5])}))
@@ -186,15 +186,15 @@ def test_arrival_order_changes_only_the_summation_rounding(summation):
 
 def test_float64_accumulates_in_float64():
     ref, clients = _round("fedrot", 1, torch.float64)
-    want = fedrot_ext.aggregate_state_dicts(clients, reference=ref, weights=WEIGHTS, round=1)
-    agg, _ = _stream(clients, WEIGHTS, ref, round=1)
+    want = fedrot_ext.aggregate_state_dicts(clients, reference=ref, weights=WEIGHTS, round=1, lora_config=CONFIG)
+    agg, _ = _stream(clients, WEIGHTS, ref, round=1, lora_config=CONFIG)
     assert_same_state(agg.result(), want, rtol=1e-12, atol=1e-13)
 
 
 def test_device_moves_each_client(device):
     ref, clients = _round("fedrot", 1, torch.float32)
-    want = fedrot_ext.aggregate_state_dicts(clients, reference=ref, weights=WEIGHTS, round=1)
-    agg, _ = _stream(clients, WEIGHTS, ref, round=1, device=device)
+    want = fedrot_ext.aggregate_state_dicts(clients, reference=ref, weights=WEIGHTS, round=1, lora_config=CONFIG)
+    agg, _ = _stream(clients, WEIGHTS, ref, round=1, device=device, lora_config=CONFIG)
     got = agg.result()
     assert all(t.device.type == device for t in got.values())
     assert_same_state({k: t.cpu() for k, t in got.items()}, dict(want), rtol=1e-4, atol=1e-5)
@@ -221,7 +221,7 @@ def test_a_group_finds_its_bad_clients_when_it_is_aggregated():
     factor = next(k for k in clients[0] if "lora_A" in k)
     clients[1] = dict(clients[1], **{factor: poisoned(clients[1][factor])})
     clients[2] = dict(clients[2], **{factor: poisoned(clients[2][factor], math.inf)})
-    kw = dict(method="fedrot", round=1)
+    kw = dict(method="fedrot", round=1, lora_config=CONFIG)
     skip, accepted = _stream(clients, WEIGHTS, ref, group=3, on_invalid="skip", **kw)
     assert accepted[:2] == [True, True] and accepted[2] is False  # known when the group of 3 is aggregated
     got = skip.result()
