@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -32,6 +33,7 @@ from .batch import (
     ClientBatch, FactorSet, collect_clients, collect_reference, factor_keys, padded_factors, require_equal_ranks, rescale_padded,
 )
 from .model import module_scaling, rank_rescale
+from .running_sum import RunningSum
 from .policy import Policy, add_delta_noise, add_factor_noise, clip_clients, dropped_reason, invalid_client_error
 
 __all__ = ["StreamingAggregator", "SUMMATIONS", "streaming_supported"]
@@ -42,42 +44,6 @@ SUMMATIONS = ("plain", "kahan")
 def streaming_supported(spec: Method) -> bool:
     """The method's aggregate is a weighted sum of per-client terms (not FlexLoRA's SVD of all clients)."""
     return spec.output != "refactor"
-
-
-class _RunningSum:
-    """Σ of the terms added, in one accumulate-dtype tensor; with Kahan, plus the running
-    compensation (the low-order bits the last additions lost)."""
-
-    def __init__(self, like: torch.Tensor, kahan: bool):
-        self.total = torch.zeros_like(like)
-        self.comp = torch.zeros_like(like) if kahan else None
-
-    def add(self, term: torch.Tensor, rank_dim: Optional[int] = None) -> None:
-        """Add a fresh term (it is consumed: modified in place); a LoRA factor's rank (`rank_dim`)
-        is zero-padded on whichever side is smaller."""
-        if rank_dim is not None and term.shape[rank_dim] != self.total.shape[rank_dim]:
-            self._grow(term.shape[rank_dim], rank_dim)
-            term = pad_rank(term, self.total.shape[rank_dim], rank_dim)
-        if self.comp is None:
-            self.total.add_(term)
-            return
-        term.sub_(self.comp)                                # y = x - c
-        new = self.total + term                             # t = s + y
-        self.comp.copy_(new).sub_(self.total).sub_(term)    # c = (t - s) - y
-        self.total = new
-
-    def _grow(self, size: int, dim: int, scale: float = 1.0) -> None:
-        """Zero-pad the rank to `size` and multiply by `scale` (the sums move to a larger rank's LoRA scaling)."""
-        if size > self.total.shape[dim]:
-            self.total = pad_rank(self.total, size, dim)
-            self.comp = None if self.comp is None else pad_rank(self.comp, size, dim)
-        self.scale(scale)
-
-    def scale(self, factor: float) -> None:
-        if factor != 1.0:
-            self.total.mul_(factor)
-            if self.comp is not None:
-                self.comp.mul_(factor)
 
 
 class StreamingAggregator:
@@ -116,6 +82,11 @@ class StreamingAggregator:
     reference's rank and a larger client rank raises. Each padded client keeps its own LoRA
     scaling as in aggregate_state_dicts (lora_config is then required); when a larger rank
     arrives, the sums so far are multiplied by the same ratio. ffa, rolora and fedsa need equal ranks.
+
+    Restarts and shards: :meth:`state_dict` holds everything taken in so far; an aggregator built
+    with the same arguments resumes from it with :meth:`load_state_dict` (bitwise the uninterrupted
+    run, for group=1). :meth:`merge` adds the sums of another aggregator of a disjoint set of clients
+    (for example one per machine or Ray task): the same result up to one rounding per entry.
 
     Summation and arrival order: the result depends on the order only through the rounding
     of the sums. A plain running sum of N terms has error ≲ N·u·Σ|w_i x_i| per entry
@@ -189,7 +160,7 @@ class StreamingAggregator:
         self._bad: Dict[int, Tuple[int, str]] = {}  # position in _weights -> (call index, where the NaN/Inf is)
         self._first_kept: Optional[str] = None
         self._copies: Dict[str, torch.Tensor] = {}  # non-floating tensors and frozen factors of the first kept client
-        self._sums: Dict[str, _RunningSum] = {}  # by state key; base deltas by module path
+        self._sums: Dict[str, RunningSum] = {}  # by state key; base deltas by module path
         self._ranks: List[set] = []  # ranks of the kept clients per module (for the LoRA scaling)
         self._out_ranks: List[int] = []  # the rank of each module's sums (0 before the first kept client)
 
@@ -285,19 +256,7 @@ class StreamingAggregator:
         """The batch [first client's template, state] (or [state] for the first), checked as one
         aggregate_state_dicts call checks them; the reference is collected with the first."""
         if self._template is None:
-            batch = collect_clients([state], [label])
-            aligns = [module_align(self._align, m.embedding) for m in batch.modules]
-            if self._align != "none":
-                refs = collect_reference(self._reference, batch, aligns)
-                acc = [accumulate_dtype(state[m.key_A].dtype) for m in batch.modules]
-                # Rounded to the clients' dtype first, as aggregate_state_dicts does, then in the op's compute dtype.
-                self._refs = FactorSet([None if a is None else a.to(d) for a, d in zip(refs.A, acc)],
-                                       [None if b is None else b.to(d) for b, d in zip(refs.B, acc)], refs.rank)
-            self._aligns, self._modules = aligns, batch.modules
-            self._template = {k: v.new_zeros(()).expand(v.shape) for k, v in state.items()}
-            self._first_label = label
-            self._ranks = [set() for _ in batch.modules]
-            self._out_ranks = [0] * len(batch.modules)
+            batch = self._bind(state, label)
         else:
             batch = collect_clients([self._template, state], [self._first_label, label])
         if self.spec.equal_ranks:
@@ -316,6 +275,24 @@ class StreamingAggregator:
                     rank_rescale(self._lora_config, other, max(other, r), f"{label}[{module.key_A!r}]")
         return batch
 
+    def _bind(self, state, label: str) -> ClientBatch:
+        """Take `state`'s keys, shapes and dtypes as the template every later client must match, and collect
+        the reference against them; returns the batch [state]."""
+        batch = collect_clients([state], [label])
+        aligns = [module_align(self._align, m.embedding) for m in batch.modules]
+        if self._align != "none":
+            refs = collect_reference(self._reference, batch, aligns)
+            acc = [accumulate_dtype(state[m.key_A].dtype) for m in batch.modules]
+            # Rounded to the clients' dtype first, as aggregate_state_dicts does, then in the op's compute dtype.
+            self._refs = FactorSet([None if a is None else a.to(d) for a, d in zip(refs.A, acc)],
+                                   [None if b is None else b.to(d) for b, d in zip(refs.B, acc)], refs.rank)
+        self._aligns, self._modules = aligns, batch.modules
+        self._template = {k: v.new_zeros(()).expand(v.shape) for k, v in state.items()}
+        self._first_label = label
+        self._ranks = [set() for _ in batch.modules]
+        self._out_ranks = [0] * len(batch.modules)
+        return batch
+
     def _target_ranks(self, items) -> List[int]:
         """Per module, the rank the clients of `items` are padded to: the reference's when aligning, else
         the largest of theirs and of the sums so far."""
@@ -331,7 +308,7 @@ class StreamingAggregator:
                 c = rank_rescale(self._lora_config, have, rank, module.key_A)
                 for key, dim in ((module.key_A, 0), (module.key_B, 1)):
                     if key in self._sums:
-                        self._sums[key]._grow(rank, dim, c)
+                        self._sums[key].grow(rank, dim, c)
                 if module.path in self._sums:
                     self._sums[module.path].scale(c * c)
             self._out_ranks[m] = rank
@@ -420,9 +397,9 @@ class StreamingAggregator:
             if not torch.equal(state[key], self._copies[key]):
                 raise differs_error(label, key, self._first_kept, why)
 
-    def _sum(self, key: str, like: torch.Tensor) -> _RunningSum:
+    def _sum(self, key: str, like: torch.Tensor) -> RunningSum:
         if key not in self._sums:
-            self._sums[key] = _RunningSum(like, self._kahan)
+            self._sums[key] = RunningSum(like, self._kahan)
         return self._sums[key]
 
     # ------------------------------------------------------------------ result
@@ -476,6 +453,158 @@ class StreamingAggregator:
             deltas = add_delta_noise(deltas, scalings, self._policy, w)
         check_finite_deltas(deltas)
         return deltas
+
+
+    # ------------------------------------------------------------------ state and merge
+    def _options(self) -> dict:
+        """What the sums mean: a state loads into, and an aggregator merges with, only one built with the same."""
+        p = self._policy
+        return {"method": self.spec.name, "round": self._round, "align": self._align, "frozen": self._frozen, "lam": self._lam,
+                "allow_reflection": self._allow_reflection, "on_invalid": p.on_invalid, "clip_norm": p.clip_norm,
+                "noise_multiplier": p.noise_multiplier, "summation": "kahan" if self._kahan else "plain"}
+
+    def state_dict(self) -> dict:
+        """Everything taken in so far, to resume after a restart with :meth:`load_state_dict`.
+
+        Clients held for a group are aggregated first. The values are tensors (copies), strings, numbers,
+        lists and dicts, so ``torch.save`` writes it and ``torch.load(..., weights_only=True)`` reads it
+        back. Its size is about the result's (twice with Kahan) plus the reference's aligned factors.
+        """
+        self._flush()
+        bound = self._template is not None
+        return {
+            "format": STATE_FORMAT, "options": self._options(),
+            "template": {k: [list(v.shape), str(v.dtype).removeprefix("torch."), str(v.device)] for k, v in self._template.items()}
+            if bound else None,
+            "first_label": self._first_label if bound else None,
+            "refs": None if self._refs is None else {"A": [_copy(t) for t in self._refs.A], "B": [_copy(t) for t in self._refs.B]},
+            "calls": self._calls, "weights": list(self._weights),
+            "bad": [[pos, index, where] for pos, (index, where) in sorted(self._bad.items())],
+            "first_kept": self._first_kept, "copies": {k: t.clone() for k, t in self._copies.items()},
+            "sums": {k: total.state() for k, total in self._sums.items()},
+            "ranks": [sorted(r) for r in self._ranks], "out_ranks": list(self._out_ranks),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume from :meth:`state_dict` output, into an aggregator that has taken no client yet and was built
+        with the same method, options and reference; add() then goes on where the saved one stopped.
+
+        Raises:
+            ValueError naming ``state``: not a state of this format, other options, another reference, or
+            this aggregator has taken clients already. This aggregator is unchanged then.
+        """
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state: expected the output of StreamingAggregator.state_dict() (format {STATE_FORMAT})")
+        if self._calls or self._pending:
+            raise ValueError("state: this aggregator has taken clients already; load into a new one")
+        if state["options"] != self._options():
+            diff = {k: v for k, v in state["options"].items() if self._options().get(k) != v}
+            raise ValueError(f"state: saved by an aggregator built with {diff}, this one has "
+                             f"{ {k: self._options().get(k) for k in diff} }")
+        if state["template"] is not None:
+            device = self._device
+            template = {k: torch.zeros((), dtype=getattr(torch, dtype), device=device or dev).expand(shape)
+                        for k, (shape, dtype, dev) in state["template"].items()}
+            try:
+                self._bind(template, state["first_label"])
+                self._check_same_refs(state["refs"], "state")
+            except Exception:
+                self._template, self._refs = None, None
+                raise
+            move = lambda t: t.to(device) if device is not None else t  # noqa: E731
+            self._copies = {k: move(t).clone() for k, t in state["copies"].items()}
+            self._sums = {k: RunningSum.from_state({n: move(t) for n, t in v.items()}, self._kahan) for k, v in state["sums"].items()}
+            self._ranks = [set(r) for r in state["ranks"]]
+            self._out_ranks = [int(r) for r in state["out_ranks"]]
+        self._calls, self._weights = int(state["calls"]), [float(w) for w in state["weights"]]
+        self._bad = {int(pos): (int(index), str(where)) for pos, index, where in state["bad"]}
+        self._first_kept = state["first_kept"]
+
+    def merge(self, other: "StreamingAggregator") -> None:
+        """Take in the clients of `other`, an aggregator of a disjoint shard of the same round (same method,
+        options and reference), as if they had been added here after this one's clients: its client i
+        becomes client ``count_of_add_calls_here + i`` in ``dropped`` and in messages.
+
+        The sums add exactly as the clients' terms would, up to the rounding of one more addition per entry.
+        `other` keeps its sums (its held group, if any, is aggregated first) and may be merged or used on.
+
+        Raises:
+            TypeError: `other` is not a StreamingAggregator. ValueError naming ``other``: itself, other options,
+            another reference, another key layout, or frozen / non-floating tensors that differ.
+        """
+        if not isinstance(other, StreamingAggregator):
+            raise TypeError(f"other: expected a StreamingAggregator, got {type(other).__name__}")
+        if other is self:
+            raise ValueError("other: cannot merge an aggregator with itself")
+        if other._options() != self._options():
+            raise ValueError(f"other: built with options {other._options()}, this aggregator has {self._options()}")
+        self._flush()
+        other._flush()
+        shift = lambda text: _shift_labels(text, self._calls)  # noqa: E731
+        if other._template is not None:
+            if self._template is None:
+                self._bind(other._template, shift(other._first_label))
+            else:
+                batch = collect_clients([self._template, other._template], [self._first_label, shift(other._first_label)])
+                if self.spec.equal_ranks:
+                    require_equal_ranks(batch, self.spec.name)
+            self._check_same_refs(None if other._refs is None else {"A": other._refs.A, "B": other._refs.B}, "other")
+            self._merge_sums(other, shift)
+        self._bad.update({pos + len(self._weights): (index + self._calls, shift(where)) for pos, (index, where) in other._bad.items()})
+        self._weights.extend(other._weights)
+        self._calls += other._calls
+
+    def _merge_sums(self, other: "StreamingAggregator", shift) -> None:
+        if other._first_kept is not None:
+            if self._first_kept is None:
+                self._copies = {k: t.clone() for k, t in other._copies.items()}
+                self._first_kept = shift(other._first_kept)
+            else:
+                frozen_keys = {m.key_A if self._frozen == "A" else m.key_B for m in self._modules} if self._frozen else set()
+                for key, t in other._copies.items():
+                    if not torch.equal(t, self._copies[key]):
+                        why = frozen_reason(self.spec, self._round, self._frozen) if key in frozen_keys else NOT_AVERAGED
+                        raise differs_error(shift(other._first_kept), key, self._first_kept, why)
+        ranks = [max(a, b) for a, b in zip(self._out_ranks, other._out_ranks)]
+        self._grow_sums(self._modules, ranks)
+        where = {m.key_A: (i, 0) for i, m in enumerate(self._modules)} | {m.key_B: (i, 1) for i, m in enumerate(self._modules)}
+        where |= {m.path: (i, None) for i, m in enumerate(self._modules)}
+        for key, theirs in other._sums.items():
+            term = theirs.value()
+            if key in where:  # a factor (or fedex/flora dense) sum: at this aggregator's rank and LoRA scaling
+                m, dim = where[key]
+                have = other._out_ranks[m]
+                c = rank_rescale(self._lora_config, have, ranks[m], key) if have else 1.0
+                if c != 1.0:
+                    term.mul_(c if dim is not None else c * c)
+                self._sum(key, term).add(term, rank_dim=dim)
+            else:
+                self._sum(key, term).add(term)
+        for mine, theirs in zip(self._ranks, other._ranks):
+            mine.update(theirs)
+
+    def _check_same_refs(self, refs: Optional[dict], name: str) -> None:
+        """The reference factors the sums were aligned to must be this aggregator's, bit for bit."""
+        mine = None if self._refs is None else {"A": self._refs.A, "B": self._refs.B}
+        same = (refs is None) == (mine is None) and (mine is None or all(
+            (a is None) == (b is None) and (a is None or (a.shape == b.shape and torch.equal(a.to(b.device), b)))
+            for f in ("A", "B") for a, b in zip(refs[f], mine[f])))
+        if not same:
+            raise ValueError(f"{name}: its clients were aligned to another reference than this aggregator's")
+
+
+STATE_FORMAT = 1
+
+
+def _copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.clone()
+
+
+def _shift_labels(text: Optional[str], offset: int) -> Optional[str]:
+    """``client_states[i]`` in `text` renumbered to ``client_states[i + offset]`` (a merged shard's clients come after)."""
+    if text is None or offset == 0:
+        return text
+    return re.sub(r"client_states\[(\d+)\]", lambda m: f"client_states[{int(m.group(1)) + offset}]", text)
 
 
 def _nonfinite_at(batch: ClientBatch, state, label: str) -> Optional[str]:
