@@ -23,6 +23,7 @@ except ImportError as err:  # pragma: no cover - exercised only without flwr ins
     ) from err
 
 from .client import RoundSettings, align_for_upload, make_train_reply, read_global, round_settings
+from . import checkpoint
 from .codec import RAW_STYPE, WIRE_FORMATS, arrayrecord_to_state_dict, state_dict_to_arrayrecord
 from .strategy import BASE_DELTAS_KEY, FedRotLoRA, RoundSummary
 

@@ -22,9 +22,11 @@ be wrapped.
 from __future__ import annotations
 
 import numbers
+import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from logging import INFO, WARNING
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -32,7 +34,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from .._checks import check_lam_or_auto
 from ..methods import check_initial, get_method
@@ -44,6 +46,7 @@ from ..peft.streaming import StreamingAggregator, streaming_supported
 from ..schedule import SCHEDULES
 from ..server_opt import ServerOptimizer
 from . import _protocol as P
+from .checkpoint import Checkpoint, latest_checkpoint, read_checkpoint, write_checkpoint
 from ._screen import screen_reply
 from .codec import RAW_STYPE, arrayrecord_to_state_dict, check_wire_format, state_dict_to_arrayrecord
 
@@ -127,6 +130,12 @@ class FedRotLoRA(FedAvg):
             bf16/fp16 as their exact float32 upcast, readable by Flower's privacy wrappers and mods)
             or ``"compact"`` (bf16 as raw 16-bit patterns: half the bytes, but any Flower code that
             reads arrays as NumPy fails on it, so a wrapping strategy raises ValueError).
+        checkpoint_dir: a directory for a checkpoint after every round (see
+            :mod:`fedrot_ext.flower.checkpoint`). When :meth:`start` finds a complete checkpoint
+            there, it resumes after it, up to ``num_rounds`` rounds in all: restarting the same
+            command is all it takes. Given deterministic clients, a run stopped and resumed ends
+            bitwise equal to an uninterrupted one. Only a run that ``FedRotLoRA.start`` drives
+            writes checkpoints (a Flower wrapper's ``start`` does not).
         **fedavg_kwargs: passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
             ``min_train_nodes``, ``weighted_by_key``, ``arrayrecord_key``, ...).
 
@@ -158,6 +167,7 @@ class FedRotLoRA(FedAvg):
         wire_format: str = "numpy",
         streaming: Optional[bool] = None,
         error_metrics: bool = False,
+        checkpoint_dir: Optional[Union[str, Path]] = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -189,6 +199,7 @@ class FedRotLoRA(FedAvg):
         self.history: List[RoundSummary] = []
         self.base_deltas: Dict[str, torch.Tensor] = {}
         self._sent: Optional[Tuple[int, ArrayRecord]] = None
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
 
     def _streaming(self, requested: Optional[bool]) -> bool:
         possible = streaming_supported(self.spec) and isinstance(self.lam, numbers.Real)
@@ -413,6 +424,7 @@ class FedRotLoRA(FedAvg):
             RuntimeError: ``configure_train`` was not called for this round.
         """
         valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        valid = sorted(valid, key=lambda m: m.metadata.src_node_id)  # the result does not depend on arrival order
         reference = self._reference(server_round)
         round_idx = server_round - 1
         frozen = self._frozen_keys(reference, round_idx)
@@ -438,6 +450,98 @@ class FedRotLoRA(FedAvg):
             _fmt(metrics.get("agg-error-rel-mean")), _fmt(metrics.get("agg-error-rel-max")),
         )
         return state_dict_to_arrayrecord(new_global, wire_format=self.wire_format), MetricRecord({**self._client_metrics(contents), **metrics})
+
+
+    # ------------------------------------------------------------------ run, checkpoint, resume
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: Optional[ConfigRecord] = None, evaluate_config: Optional[ConfigRecord] = None,
+              evaluate_fn=None) -> Result:
+        """Run the rounds as Flower's ``Strategy.start`` does (train, federated evaluation, the optional
+        server-side ``evaluate_fn``); with ``checkpoint_dir``, write a checkpoint after every round and
+        resume after the newest one found there.
+
+        Raises:
+            ValueError: the checkpoint in ``checkpoint_dir`` was written by a run with other settings
+                (method, λ, schedule, ...), or cannot be read.
+        """
+        if self.checkpoint_dir is None:
+            return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays, done = Result(), initial_arrays, 0
+        found = latest_checkpoint(self.checkpoint_dir)
+        if found is not None:
+            arrays, done = self._resume(read_checkpoint(found), result)
+            log(INFO, "FedRotLoRA: resuming from checkpoint %s: rounds 1-%d are done, %d of %d to run",
+                found, done, max(num_rounds - done, 0), num_rounds)
+        else:
+            self.summary()
+            log(INFO, "FedRotLoRA: a checkpoint after every round goes to %s", self.checkpoint_dir)
+            if evaluate_fn is not None:
+                self._record(result.evaluate_metrics_serverapp, 0, evaluate_fn(0, initial_arrays))
+        for server_round in range(done + 1, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            replies = grid.send_and_receive(messages=self.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
+            new_arrays, metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = result.arrays = new_arrays
+            self._record(result.train_metrics_clientapp, server_round, metrics)
+            replies = grid.send_and_receive(messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout)
+            self._record(result.evaluate_metrics_clientapp, server_round, self.aggregate_evaluate(server_round, replies))
+            if evaluate_fn is not None:
+                self._record(result.evaluate_metrics_serverapp, server_round, evaluate_fn(server_round, arrays))
+            self._write_checkpoint(server_round, arrays, result)
+        return result
+
+    @staticmethod
+    def _record(table: Dict[int, MetricRecord], server_round: int, metrics: Optional[MetricRecord]) -> None:
+        if metrics is not None:
+            log(INFO, "\t└──> round %d: %s", server_round, metrics)
+            table[server_round] = metrics
+
+    def _settings(self) -> dict:
+        """What a resumed run must share with the one that wrote the checkpoint."""
+        opt = self.server_optimizer
+        return {"method": self.method, "lam": self.lam, "schedule": self.schedule, "initial": self.initial,
+                "allow_reflection": self.allow_reflection, "wire_format": self.wire_format,
+                "server_optimizer": None if opt is None else opt.kind}
+
+    def _write_checkpoint(self, server_round: int, arrays: ArrayRecord, result: Result) -> None:
+        tables = {"train": result.train_metrics_clientapp, "evaluate": result.evaluate_metrics_clientapp,
+                  "serverapp": result.evaluate_metrics_serverapp}
+        write_checkpoint(self.checkpoint_dir, Checkpoint(
+            server_round=server_round, settings=self._settings(),
+            global_state=arrayrecord_to_state_dict(arrays, like=self._dtypes, copy=False), base_deltas=self.base_deltas,
+            optimizer=None if self.server_optimizer is None else self.server_optimizer.state_dict(),
+            history=[asdict(h) for h in self.history], metrics={k: {r: dict(m) for r, m in t.items()} for k, t in tables.items()},
+            random_state=_json_random_state(),
+        ))
+
+    def _resume(self, ckpt: Checkpoint, result: Result) -> Tuple[ArrayRecord, int]:
+        """Take the strategy's state and the metrics so far from `ckpt`; returns (global arrays, last round done)."""
+        if ckpt.settings != self._settings():
+            diff = {k: v for k, v in ckpt.settings.items() if self._settings().get(k) != v}
+            raise ValueError(f"checkpoint_dir: {self.checkpoint_dir} holds a run with {diff}, this strategy has "
+                             f"{ {k: self._settings().get(k) for k in diff} }; use another directory or the same settings")
+        if self.server_optimizer is not None:
+            self.server_optimizer.load_state_dict(ckpt.optimizer)
+        self.base_deltas = dict(ckpt.base_deltas)
+        self.history = [RoundSummary(**{**h, "rejected": {int(k): v for k, v in h["rejected"].items()},
+                                        "failed": {int(k): v for k, v in h["failed"].items()}}) for h in ckpt.history]
+        self._dtypes = {k: t.dtype for k, t in ckpt.global_state.items()}
+        for kind, table in (("train", result.train_metrics_clientapp), ("evaluate", result.evaluate_metrics_clientapp),
+                            ("serverapp", result.evaluate_metrics_serverapp)):
+            table.update((r, MetricRecord(m)) for r, m in ckpt.metrics.get(kind, {}).items())
+        if ckpt.random_state is not None:
+            version, internal, gauss = ckpt.random_state
+            random.setstate((version, tuple(internal), gauss))
+        result.arrays = state_dict_to_arrayrecord(ckpt.global_state, wire_format=self.wire_format)
+        return result.arrays, ckpt.server_round
+
+
+def _json_random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
 
 
 def _fmt(value: Optional[float]) -> str:

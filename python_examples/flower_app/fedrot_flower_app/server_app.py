@@ -36,6 +36,7 @@ def _strategy(rc, lora_config) -> FedRotLoRA:
         lora_config=lora_config, device=str(rc["server-device"]), fraction_train=float(rc["fraction-train"]),
         fraction_evaluate=float(rc["fraction-evaluate"]), min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes,
         report_fedit_error=True,  # the example prints FedIT's error beside FedRot's
+        checkpoint_dir=str(rc["checkpoint-dir"]) or None,
     )
 
 
