@@ -13,7 +13,8 @@ from ._ops import DEFAULT_LAM_GRID, accumulate_dtype, align_and_aggregate, procr
 from ._types import ALIGN_MODES, Aggregate
 from .baselines import fedex_residual, flexlora_aggregate, weighted_product_sum
 from .methods import METHOD_TABLE, METHODS, Method
-from .metrics import AggregationError, aggregation_error, state_dict_aggregation_error
+from .metrics import AggregationError, aggregation_error
+from .peft.error import state_dict_aggregation_error
 from .peft import (
     AggregatedState,
     LoraModule,
@@ -25,7 +26,7 @@ from .peft import (
     set_trainable_factor,
     StreamingAggregator,
 )
-from .merge import MergedState, merge_adapters
+from .peft.merge import MergedState, merge_adapters
 from .schedule import SCHEDULES, alignment_for_round, rolora_trained_factor
 from .server_opt import SERVER_OPTIMIZERS, ServerOptimizer
 

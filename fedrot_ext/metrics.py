@@ -9,7 +9,7 @@ numbers of size ‖Σ w_i B_i A_i‖² when the error is small; everything runs 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from ._checks import check_factors, normalized_weights
 from ._ops import align_and_aggregate
 from ._stacking import centered_terms, check_aggregate, flat_A, flat_B, shape_groups, stack_layers, term_coefficients
 
-__all__ = ["AggregationError", "aggregation_error", "state_dict_aggregation_error"]
+__all__ = ["AggregationError", "aggregation_error", "error_of_factors"]
 
 
 class AggregationError(NamedTuple):
@@ -75,7 +75,7 @@ def aggregation_error(
         agg_A, agg_B = agg.A, agg.B
     else:
         check_aggregate(agg_A, agg_B, A, B)
-    return _error_of(A, B, agg_A, agg_B, w)
+    return error_of_factors(A, B, agg_A, agg_B, w)
 
 
 CHUNK_BYTES = 64 << 20  # float64 centred terms formed at a time: the metric's extra memory stays O(this + one layer)
@@ -95,7 +95,7 @@ def _layer_chunks(A, B, agg_A) -> List[List[int]]:
     return chunks
 
 
-def _error_of(A, B, agg_A, agg_B, w: torch.Tensor) -> AggregationError:
+def error_of_factors(A, B, agg_A, agg_B, w: torch.Tensor) -> AggregationError:
     """:func:`aggregation_error` of validated factors (any dtypes) and aggregate (w normalised, float64)."""
     coeffs = [term_coefficients(w, 0.0), term_coefficients(w, 1.0)]
     parts = []
@@ -107,36 +107,3 @@ def _error_of(A, B, agg_A, agg_B, w: torch.Tensor) -> AggregationError:
     ideal = ideal_sq.clamp_min(0).sqrt()
     relative = torch.where(absolute == 0, torch.zeros_like(absolute), absolute / ideal)  # x/0 = inf
     return AggregationError(absolute, relative)
-
-
-def state_dict_aggregation_error(
-    client_states: Sequence[Mapping[str, torch.Tensor]], aggregated: Mapping[str, torch.Tensor], *, weights=None,
-    lora_config=None,
-) -> Dict[str, Tuple[float, float]]:
-    """:func:`aggregation_error` over peft state dicts, per LoRA module.
-
-    Args:
-        client_states: N peft adapter state dicts (see :func:`fedrot_ext.aggregate_state_dicts`).
-        aggregated: the aggregated state dict (its lora_A/lora_B factors are compared).
-        weights: (N,) client weights as used for the aggregation; None means uniform.
-        lora_config: the clients' LoraConfig; required when ranks differ (each client's update is
-            taken at its own LoRA scaling, in the units of the aggregate's rank, as the aggregation takes it).
-
-    Returns:
-        {module name: (absolute, relative)} as Python floats (one host synchronisation).
-
-    Raises:
-        ValueError/TypeError naming the client and key for malformed client states, or
-        ``aggregated`` and the key for a missing or mis-shaped factor.
-    """
-    from .peft.batch import collect_clients, collect_reference, rescale_padded, stack_factors  # the peft layer imports this module
-
-    batch = collect_clients(client_states)
-    agg = collect_reference(aggregated, batch, "AB", label="aggregated")
-    ranks = [max(rs + [r]) for rs, r in zip(batch.ranks, agg.rank)]
-    A, B = stack_factors(batch, ranks)  # names the client and key of a NaN
-    rescale_padded(batch, A, B, lora_config)
-    w = normalized_weights(weights, len(batch.states), batch.device, torch.float64)
-    result = _error_of(A, B, agg.A, agg.B, w)  # float64 a chunk of modules at a time (they may differ in dtype)
-    values = torch.stack([result.absolute, result.relative], dim=1).tolist()
-    return {m.name: (v[0], v[1]) for m, v in zip(batch.modules, values)}

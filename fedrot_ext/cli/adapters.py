@@ -93,11 +93,11 @@ def output_config(adapters: Sequence[Adapter]) -> dict:
 def check_config_ranks(config: dict, state, out) -> None:
     """Refuse to write a config whose r / rank_pattern disagree with the factors' ranks (peft would not load it)."""
     from ..peft.keys import parse_lora_keys
-    from ..peft.model import _pattern_value
+    from ..peft.model import pattern_value
 
     modules, _ = parse_lora_keys(state.keys(), owner="aggregate")
     for m in modules:
-        want = _pattern_value(config.get("rank_pattern"), m.path, config.get("r"))
+        want = pattern_value(config.get("rank_pattern"), m.path, config.get("r"))
         if state[m.key_A].shape[0] != want:
             raise InputError(f"{out}: the aggregate of {m.name} has rank {state[m.key_A].shape[0]}, but the inputs' "
                              f"configs give it rank {want} (r / rank_pattern); nothing was written")

@@ -104,7 +104,7 @@ def run(args) -> dict:
     try:
         if args.merge:
             try:
-                from ..merge import merge_adapters  # the alignment module; imported only when asked for
+                from ..peft.merge import merge_adapters  # the alignment module; imported only when asked for
             except ImportError as err:
                 raise InputError(f"--merge: fedrot_ext.merge_adapters is not available in this install ({err})") from None
 

@@ -9,7 +9,7 @@ import torch
 from .._ops import procrustes_rotation
 from .._types import align_uses, module_align
 from ..methods import get_method
-from ..metrics import state_dict_aggregation_error
+from ..peft.error import state_dict_aggregation_error
 from ..peft.keys import parse_lora_keys
 
 

@@ -38,9 +38,9 @@ from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from .._checks import check_lam_or_auto
 from ..methods import check_initial, get_method
-from ..metrics import state_dict_aggregation_error
 from .._robust import AllClientsInvalid
 from ..peft.aggregate import AggregatedState, aggregate_state_dicts
+from ..peft.error import state_dict_aggregation_error
 from ..peft.keys import parse_lora_keys
 from ..peft.streaming import StreamingAggregator, streaming_supported
 from ..schedule import SCHEDULES

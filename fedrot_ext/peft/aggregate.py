@@ -89,7 +89,7 @@ def _on(w: torch.Tensor, like) -> torch.Tensor:
     return w.to(device=like.device, dtype=accumulate_dtype(like.dtype))
 
 
-def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], lam, allow_reflection: bool):
+def fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], lam, allow_reflection: bool):
     """Rotate (each module on its own mode in `aligns`) and weighted-average every module: one
     unchecked fused op call per dtype (usually one; the clients and the reference were validated
     once, by collect_clients / collect_reference). A[m] / B[m]: (N, ...) stacks, or per-client
@@ -113,7 +113,7 @@ def _fused_average(A, B, refs: Optional[FactorSet], w, aligns: Sequence[str], la
     return new_A, new_B, statuses, lams
 
 
-def _check_overflow(statuses, A, lams=()) -> list:
+def check_overflow(statuses, A, lams=()) -> list:
     """One host read of the op's status flags and of `lams` (device tensors); returns the λ values.
 
     The clients are finite (screened), so a set status flag means a half-precision overflow."""
@@ -151,7 +151,7 @@ def differs_error(label: str, key: str, first_label: str, why: str) -> ValueErro
 NOT_AVERAGED = "a non-floating tensor cannot be averaged"
 
 
-def _average_others(batch: ClientBatch, stacks, w: torch.Tensor) -> Dict[str, torch.Tensor]:
+def average_others(batch: ClientBatch, stacks, w: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Weighted average of every floating non-factor tensor; others must agree across clients."""
     out = {}
     fixed = [(key, s) for key, s in zip(batch.other_keys, stacks) if not s.is_floating_point()]
@@ -214,7 +214,7 @@ def require_reference(reference, align: str, round) -> None:
         raise ValueError(f"reference: required to align on {align} in round {round} (the previous global adapter), got None")
 
 
-def _reads_in_place(spec: Method, frozen: Optional[str], policy: Policy) -> bool:
+def reads_in_place(spec: Method, frozen: Optional[str], policy: Policy) -> bool:
     """Whether every client factor goes into the fused op as it is (no clip scaling, no frozen copy,
     no dense term): then the op reads the clients where they lie and screens them as it reads."""
     return spec.output == "factors" and not frozen and policy.clip_norm is None
@@ -230,8 +230,8 @@ def _aggregate_in_place(batch: ClientBatch, refs: Optional[FactorSet], w, aligns
     then screens the clients, which names the client and key (or the overflow)."""
     A = [padded_factors(batch, m, r, 0, lora_config) for m, r in zip(batch.modules, ranks)]
     B = [padded_factors(batch, m, r, 1, lora_config) for m, r in zip(batch.modules, ranks)]
-    others = _average_others(batch, stack_others(batch, check=False), w)
-    new_A, new_B, statuses, lams = _fused_average(A, B, refs, w, aligns, lam, allow_reflection)
+    others = average_others(batch, stack_others(batch, check=False), w)
+    new_A, new_B, statuses, lams = fused_average(A, B, refs, w, aligns, lam, allow_reflection)
     flags = [s.to("cpu", torch.float64) for s in statuses]
     flags += [torch.isfinite(t).all().logical_not().to("cpu", torch.float64).view(1) for t in others.values() if t.is_floating_point()]
     chosen = [t.to("cpu", torch.float64) for t in lams] if lam == "auto" else []
@@ -261,7 +261,7 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     w = normalized_weights(weights, len(batch.states), torch.device("cpu"), torch.float64)
     refs = None
     aligns = [module_align(align, m.embedding) for m in batch.modules]
-    in_place = _reads_in_place(spec, frozen, policy)
+    in_place = reads_in_place(spec, frozen, policy)
     if align != "none":
         require_reference(reference, align, round)
         refs = collect_reference(reference, batch, aligns, check_finite=not in_place)
@@ -277,7 +277,7 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
             refs = collect_reference(reference, batch, aligns)
     batch, A, B, other_stacks, w, dropped = screen_clients(batch, weights, w, policy.on_invalid, ranks_of)
     scalings = [module_scaling(lora_config, m, rs, method) for m, rs in zip(batch.modules, batch.ranks)] if spec.dense else None
-    others = _average_others(batch, other_stacks, w)
+    others = average_others(batch, other_stacks, w)
     if policy.clip_norm is not None:  # each client in its own factor units, before it is rescaled to the padded rank
         clip_clients(A, B, policy.clip_norm, spec.clip_exponents(frozen))
     rescale_padded(batch, A, B, lora_config)
@@ -286,11 +286,11 @@ def _aggregate(client_states, reference, weights, method, round, lam, schedule, 
     if spec.output == "refactor":
         new_A, new_B = _flexlora(A, B, w)
     else:
-        new_A, new_B, statuses, lams = _fused_average(A, B, refs, w, aligns, lam, allow_reflection)
+        new_A, new_B, statuses, lams = fused_average(A, B, refs, w, aligns, lam, allow_reflection)
     if frozen:
         copies = _frozen_copies(spec, batch, A, B, round, frozen)
         new_A, new_B = (copies, new_B) if frozen == "A" else (new_A, copies)
-    chosen = _check_overflow(statuses, A, lams if lam == "auto" else ())
+    chosen = check_overflow(statuses, A, lams if lam == "auto" else ())
     lam_used = {}
     if align != "none" and lams:
         lam_used = dict(zip((m.name for m in batch.modules), chosen if lam == "auto" else [lam] * len(lams)))

@@ -28,7 +28,7 @@ def _config_value(config, name: str, default=None):
     return getattr(config, name, default)
 
 
-def _pattern_value(patterns: Optional[Mapping], path: str, default):
+def pattern_value(patterns: Optional[Mapping], path: str, default):
     """peft's rule: a pattern matches a module name ending in ``.<pattern>`` (or equal to it)."""
     name = path[len(PEFT_PREFIX):] if path.startswith(PEFT_PREFIX) else path
     for pattern, value in (patterns or {}).items():
@@ -61,8 +61,8 @@ def module_scaling(lora_config, module: LoraModule, factor_ranks: Sequence[int],
     alpha = _config_value(lora_config, "lora_alpha")
     if r is None or alpha is None:
         raise ValueError(f"lora_config: expected 'r' and 'lora_alpha' (a peft LoraConfig or adapter_config.json), got r={r!r}, lora_alpha={alpha!r}")
-    r = _pattern_value(_config_value(lora_config, "rank_pattern"), module.path, r)
-    alpha = _pattern_value(_config_value(lora_config, "alpha_pattern"), module.path, alpha)
+    r = pattern_value(_config_value(lora_config, "rank_pattern"), module.path, r)
+    alpha = pattern_value(_config_value(lora_config, "alpha_pattern"), module.path, alpha)
     if r not in factor_ranks:
         raise ValueError(
             f"lora_config: rank {r} for module {module.path!r} does not match its factors' rank "

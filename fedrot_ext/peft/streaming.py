@@ -26,7 +26,7 @@ from ..methods import Method, check_initial, get_method
 from ..schedule import alignment_for_round
 from .._types import module_align
 from .aggregate import (
-    NOT_AVERAGED, AggregatedState, _fused_average, _reads_in_place, check_finite_deltas, differs_error, frozen_reason, put_base_delta,
+    NOT_AVERAGED, AggregatedState, fused_average, reads_in_place, check_finite_deltas, differs_error, frozen_reason, put_base_delta,
     require_lora_config, require_reference,
 )
 from .batch import (
@@ -138,7 +138,7 @@ class StreamingAggregator:
         require_lora_config(self.spec, lora_config)
         require_reference(reference, self._align, round)
         self._policy = Policy(on_invalid, clip_norm, noise_multiplier, generator)
-        self._in_place = _reads_in_place(self.spec, self._frozen, self._policy)
+        self._in_place = reads_in_place(self.spec, self._frozen, self._policy)
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ValueError(f"group: expected an int >= 1 (clients aggregated per op call), got {group!r}")
         if group > 1 and not self._in_place:
@@ -330,7 +330,7 @@ class StreamingAggregator:
         A = [a.to(accumulate_dtype(a.dtype)) for a in A]
         B = [b.to(accumulate_dtype(b.dtype)) for b in B]
         w = torch.tensor([weight], dtype=torch.float64)
-        new_A, new_B, statuses, _ = _fused_average(A, B, self._refs, w, self._aligns, self._lam, self._allow_reflection)
+        new_A, new_B, statuses, _ = fused_average(A, B, self._refs, w, self._aligns, self._lam, self._allow_reflection)
         if any(torch.cat(statuses).tolist()):  # a NaN/Inf factor or an overflow: the caller finds which
             return False
         dense = product_sums(A, B, w) if spec.dense else [None] * len(A)
@@ -363,7 +363,7 @@ class StreamingAggregator:
                 for dim in (0, 1))
         A, B = ([[t.to(accumulate_dtype(t.dtype)) for t in ts] for ts in X] for X in (A, B))
         w = torch.tensor([item[3] for item in items], dtype=torch.float64)
-        new_A, new_B, statuses, _ = _fused_average(A, B, self._refs, w, self._aligns, self._lam, self._allow_reflection)
+        new_A, new_B, statuses, _ = fused_average(A, B, self._refs, w, self._aligns, self._lam, self._allow_reflection)
         del A, B
         others = {}
         for key in items[0][1].other_keys:

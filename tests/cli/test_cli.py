@@ -224,7 +224,7 @@ def test_lam_auto_reports_the_lambda_chosen_per_module(dirs, tmp_path):
 
 
 def test_merge_uses_merge_adapters_without_a_reference(dirs, tmp_path):
-    from fedrot_ext.merge import merge_adapters  # the alignment branch's function
+    from fedrot_ext.peft.merge import merge_adapters  # the alignment branch's function
 
     out = tmp_path / "merged"
     argv = [str(d) for d in dirs["clients"]] + ["--merge", "--weights", "3,5,9", "--out", str(out), "--no-progress"]

@@ -2,7 +2,7 @@
 
 Each wrapper/mod pair runs through real Flower code (Strategy.start, the wrapper, the
 ClientApp with its mods) on the in-process Grid of flower_dp_app. Ray simulations run the
-issue's setup (server-side fixed clipping, noise 0.5, clip 1.0, bf16) and every wrapper/mod pair
+the common setup (server-side fixed clipping, noise 0.5, clip 1.0, bf16) and every wrapper/mod pair
 in fp32 and bf16, checking the global against clipping recomputed from the clients' saved adapters.
 Norms are measured as Flower measures them: over every array of the record, as NumPy.
 """
@@ -203,7 +203,7 @@ def test_clipping_really_applies_to_the_lora_factors(kind, dtype_name):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("kind", KINDS)
 def test_noise_reaches_the_global_adapter(kind, dtype_name):
-    """Noise 0.5, clip 1.0 (the issue's setup), 1 round: the global differs from FedRotLoRA's own
+    """Noise 0.5, clip 1.0 (the common setup), 1 round: the global differs from FedRotLoRA's own
     aggregate of the replies Flower passed on; for fixed clipping by Gaussian noise of std
     noise × clip / 3 clients."""
     dtype = DTYPES[dtype_name]
@@ -248,7 +248,7 @@ def test_local_dp_mod_clips_and_noises_each_upload(dtype_name):
 # ----------------------------------------------------------------------------- Ray simulation
 @pytest.mark.slow
 def test_ray_simulation_server_side_fixed_clipping_bf16(tmp_path):
-    """The issue's run: DifferentialPrivacyServerSideFixedClipping(FedRotLoRA(), noise 0.5, clip 1.0),
+    """The common run: DifferentialPrivacyServerSideFixedClipping(FedRotLoRA(), noise 0.5, clip 1.0),
     3 clients, a bf16 tiny BERT, 2 rounds in a Ray simulation (it crashed in round 1 with the
     compact codec as the only format)."""
     from test_flower import _simulate

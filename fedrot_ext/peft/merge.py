@@ -5,7 +5,7 @@ Clients that never shared a starting adapter hold factors in unrelated latent ba
 cancels most of the update. :func:`merge_adapters` aligns every client to a common
 reference by hard Procrustes (λ = 1), averages, and realigns to that average until
 it stops moving: the generalised Procrustes iteration. Each pass is one fused op call
-over all modules (``fedrot_ext.peft.aggregate._fused_average``).
+over all modules (``fedrot_ext.peft.aggregate.fused_average``).
 
 Convergence: after pass k the change is the relative Frobenius change of all
 aggregated factors together, ``sqrt(Σ_m ‖Ā_m^k − Ā_m^{k−1}‖² + ‖B̄_m^k − B̄_m^{k−1}‖²)
@@ -18,12 +18,12 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ._checks import normalized_weights
-from ._stacking import pad_rank
-from ._types import module_align
-from .metrics import _error_of
-from .peft.aggregate import AggregatedState, _average_others, _check_overflow, _fused_average
-from .peft.batch import FactorSet, collect_clients, collect_reference, rescale_padded, stack_factors, stack_others
+from .._checks import normalized_weights
+from .._stacking import pad_rank
+from .._types import module_align
+from ..metrics import error_of_factors
+from .aggregate import AggregatedState, average_others, check_overflow, fused_average
+from .batch import FactorSet, collect_clients, collect_reference, rescale_padded, stack_factors, stack_others
 
 __all__ = ["MergedState", "merge_adapters"]
 
@@ -121,14 +121,14 @@ def merge_adapters(
         ranks = [max(rs + [r]) for rs, r in zip(batch.ranks, refs.rank)]
         A, B = stack_factors(batch, ranks)
         rescale_padded(batch, A, B, lora_config)
-    others = _average_others(batch, stack_others(batch), w)
+    others = average_others(batch, stack_others(batch), w)
 
     aligns = [module_align(align, m.embedding) for m in batch.modules]
     cur_A, cur_B = refs.A, refs.B
     changes: List[float] = []
     statuses = []
     for _ in range(iterations):
-        new_A, new_B, status, _ = _fused_average(A, B, FactorSet(cur_A, cur_B, ranks), w, aligns, 1.0, allow_reflection)
+        new_A, new_B, status, _ = fused_average(A, B, FactorSet(cur_A, cur_B, ranks), w, aligns, 1.0, allow_reflection)
         statuses += status
         old_A = [pad_rank(o, r, 0) for o, r in zip(cur_A, ranks)]  # a smaller reference rank, zero-padded
         old_B = [pad_rank(o, r, 1) for o, r in zip(cur_B, ranks)]
@@ -137,10 +137,10 @@ def merge_adapters(
         changes.append(float(change))  # one host read per pass decides whether to go on
         if changes[-1] < tol:
             break
-    _check_overflow(statuses, A)
+    check_overflow(statuses, A)
 
     as64 = lambda ts: [t.double() for t in ts]  # noqa: E731
-    err = _error_of(as64(A), as64(B), as64(cur_A), as64(cur_B), w.to(batch.device))
+    err = error_of_factors(as64(A), as64(B), as64(cur_A), as64(cur_B), w.to(batch.device))
     values = torch.stack([err.absolute, err.relative], dim=1).tolist()
     errors: Dict[str, tuple] = {m.name: (v[0], v[1]) for m, v in zip(batch.modules, values)}
 
