@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU validation and benchmark of fedrot_ext in one command, for the lent GPU machine.
+# GPU validation and benchmark of fedrot_ext in one command, for a machine with a GPU.
 #
 #   bash bench/run_gpu.sh                 # env build test sanitize bench (all stages)
 #   bash bench/run_gpu.sh build test      # chosen stages only, in the order given

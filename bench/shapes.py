@@ -97,7 +97,7 @@ def parse(config_id: str) -> Config:
 
 
 def sweep() -> List[Config]:
-    """Every config of the issue: 2 models x 4 client counts x 4 ranks x 2 dtypes."""
+    """Every config of the benchmark grid: 2 models x 4 client counts x 4 ranks x 2 dtypes."""
     return [Config(m, n, r, d) for m, d, n, r in itertools.product(SWEEP_MODELS, SWEEP_DTYPES, SWEEP_CLIENTS, SWEEP_RANKS)]
 
 

@@ -1,4 +1,4 @@
-"""The README's claim: one host synchronisation per op call, and a number of them that does not
+"""What docs/ARCHITECTURE.md states: one host synchronisation per op call, and a number of them that does not
 grow with the number of layers along the state-dict path. Counted on the CPU by intercepting every
 tensor-to-Python conversion; on a GPU with torch.cuda.set_sync_debug_mode."""
 import contextlib
