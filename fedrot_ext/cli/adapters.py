@@ -90,6 +90,20 @@ def output_config(adapters: Sequence[Adapter]) -> dict:
     return config
 
 
+def config_with_ranks(config: dict, state) -> dict:
+    """`config` with r and rank_pattern describing the factors' ranks in `state` (a merge may change
+    them): r the most common rank, rank_pattern the modules of another."""
+    from collections import Counter
+
+    from ..peft.keys import parse_lora_keys
+    from ..peft.model import PEFT_PREFIX
+
+    modules, _ = parse_lora_keys(state.keys(), owner="merged")
+    ranks = {m.path.removeprefix(PEFT_PREFIX): state[m.key_A].shape[0] for m in modules}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    return dict(config, r=r, rank_pattern={name: rank for name, rank in ranks.items() if rank != r})
+
+
 def check_config_ranks(config: dict, state, out) -> None:
     """Refuse to write a config whose r / rank_pattern disagree with the factors' ranks (peft would not load it)."""
     from ..peft.keys import parse_lora_keys

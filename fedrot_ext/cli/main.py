@@ -15,8 +15,9 @@ from typing import List, Optional
 
 from ..methods import METHODS, get_method
 from ..peft.io import ADAPTER_FILE
+from ..peft.merge import MERGE_METHODS
 from ..schedule import SCHEDULES, alignment_for_round
-from .adapters import InputError, check_compatible, check_config_ranks, client_weights, output_config, read_adapter
+from .adapters import InputError, check_compatible, check_config_ranks, client_weights, config_with_ranks, output_config, read_adapter
 from .output import check_report_path, check_writable, recover_interrupted_swap, stage_text_file, write_adapter
 from .report import build_report
 
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, metavar="C", help="clip each client's update norm to C")
     p.add_argument("--report", metavar="REPORT.json", help="write a JSON report (errors, λ, rotation angles, dropped clients)")
     p.add_argument("--merge", action="store_true", help="merge the adapters with fedrot_ext.merge_adapters (no reference needed)")
+    p.add_argument("--merge-method", choices=MERGE_METHODS, help="with --merge: procrustes (default), or svd, cat, ties, tsv "
+                   "(computed in core space)")
+    p.add_argument("--merge-rank", type=int, metavar="R", help="with --merge-method svd, ties or tsv: the output rank (default the largest)")
+    p.add_argument("--merge-density", type=float, metavar="D", help="with --merge-method ties: the fraction of entries kept (default 0.2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -67,7 +72,13 @@ ROUND_DEFAULTS = {"method": "fedrot", "round": None, "lam": 0.5, "schedule": "al
 
 
 def _apply_defaults(args) -> None:
-    """Refuse a round option given with --merge (it would be ignored), then fill in the defaults."""
+    """Refuse a round option given with --merge and a merge option without it (either would be ignored),
+    then fill in the defaults."""
+    merge_given = [name for name in ("merge_method", "merge_rank", "merge_density") if getattr(args, name) is not None]
+    if merge_given and not args.merge:
+        raise InputError(f"--{merge_given[0].replace('_', '-')}: applies to --merge only")
+    if args.merge and args.reference and (args.merge_method or "procrustes") != "procrustes":
+        raise InputError(f"--reference: does not apply to --merge-method {args.merge_method} (only procrustes aligns to a reference)")
     if args.merge:
         given = [name for name in ROUND_DEFAULTS if getattr(args, name) is not None]
         if given:
@@ -108,8 +119,12 @@ def run(args) -> dict:
             except ImportError as err:
                 raise InputError(f"--merge: fedrot_ext.merge_adapters is not available in this install ({err})") from None
 
-            aggregated = merge_adapters(states, weights=weights, align="AB", reference=ref_state, lora_config=config)
-            align, method, lam = "AB", "merge", 1.0  # generalised Procrustes: hard rotations
+            merge_method = args.merge_method or "procrustes"
+            options = dict(align="AB", reference=ref_state) if merge_method == "procrustes" else dict(
+                rank=args.merge_rank, density=args.merge_density)
+            aggregated = merge_adapters(states, weights=weights, method=merge_method, lora_config=config, **options)
+            config = config_with_ranks(config, aggregated)  # svd, ties and tsv may change ranks; cat sums them
+            align, method, lam = ("AB", "merge", 1.0) if merge_method == "procrustes" else (None, f"merge-{merge_method}", None)
         else:
             aggregated = _aggregate(states, ref_state, weights, args, config)
             method = args.method

@@ -1,4 +1,7 @@
-"""Merge LoRA adapters that were trained from independent initialisations (generalised Procrustes).
+"""Merge LoRA adapters that were trained from independent initialisations.
+
+``method="procrustes"`` (the default) is described here; the core-space merges ("svd", "cat",
+"ties", "tsv") in :mod:`fedrot_ext.peft.core_merge`.
 
 Clients that never shared a starting adapter hold factors in unrelated latent bases
 (B_i A_i = (B_i R)(Rᵀ A_i) for every orthogonal R), so averaging their factors
@@ -18,16 +21,21 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .._checks import normalized_weights
-from .._stacking import pad_rank
+from .._checks import normalized_weights, overflow_error
+from .._stacking import nonfinite_index, pad_rank
 from .._types import module_align
 from ..metrics import error_of_factors
 from .aggregate import AggregatedState, average_others, check_overflow, fused_average
 from .batch import FactorSet, collect_clients, collect_reference, rescale_padded, stack_factors, stack_others
+from .core_merge import CORE_METHODS, core_ranks, merge_module
+from .model import rank_rescale
+from .policy import invalid_client_error
 
 __all__ = ["MergedState", "merge_adapters"]
 
 MERGE_ALIGN_MODES = ("A", "B", "AB")
+MERGE_METHODS = ("procrustes",) + CORE_METHODS
+PROCRUSTES_DEFAULTS = dict(align="AB", reference=None, iterations=10, tol=1e-6, allow_reflection=False)
 
 
 class MergedState(AggregatedState):
@@ -75,38 +83,107 @@ def merge_adapters(
     client_states: Sequence[Mapping[str, torch.Tensor]],
     *,
     weights=None,
-    align: str = "AB",
+    method: str = "procrustes",
+    rank: Optional[int] = None,
+    density: Optional[float] = None,
+    align: Optional[str] = None,
     reference: Optional[Mapping[str, torch.Tensor]] = None,
-    iterations: int = 10,
-    tol: float = 1e-6,
-    allow_reflection: bool = False,
+    iterations: Optional[int] = None,
+    tol: Optional[float] = None,
+    allow_reflection: Optional[bool] = None,
     lora_config=None,
 ) -> MergedState:
-    """Merge N independently trained peft adapters into one, by generalised Procrustes.
+    """Merge N independently trained peft adapters into one.
 
     Args:
         client_states: N adapter state dicts with the same keys (as :func:`fedrot_ext.aggregate_state_dicts`);
-            ranks of one module may differ (zero-padded to the largest, HetLoRA-style).
+            ranks of one module may differ.
         weights: (N,) non-negative client weights (e.g. sample counts), normalised; None: uniform.
-        align: the factors the rotation matches: "AB" (default, joint), "A" or "B".
-        reference: the adapter the first pass aligns to (both factors of every module); None: the heaviest client
-            (the first one among equal weights).
-        iterations: the most align-and-average passes (>= 1).
-        tol: stop once the relative change of the merged factors is below it (>= 0).
-        allow_reflection: rotate over O(r) instead of SO(r).
-        lora_config: the adapters' LoraConfig; required when ranks differ, so that each adapter keeps its
-            own LoRA scaling when zero-padded (as in :func:`fedrot_ext.aggregate_state_dicts`).
+        method: "procrustes" (default): generalised Procrustes, the factors aligned and averaged at the
+            largest rank (see the module docstring). In core space (:mod:`fedrot_ext.peft.core_merge`, never
+            an out × in matrix): "svd" (the truncated SVD of Σ w_i s_i B_i A_i, as peft's svd merge), "cat"
+            (exact, at rank Σ r_i, as peft's cat), "ties" and "tsv" (interference-aware merges).
+        rank: the output rank of "svd", "ties" and "tsv" (default: the largest client rank of each module).
+        density: the fraction of each client's core entries "ties" keeps (default 0.2).
+        align, reference, iterations, tol, allow_reflection: "procrustes" only (defaults "AB", the heaviest
+            client, 10, 1e-6, False): the factors the rotation matches ("AB", "A" or "B"); the adapter the
+            first pass aligns to; the most align-and-average passes; the relative change to stop below;
+            rotations over O(r) instead of SO(r).
+        lora_config: the adapters' LoraConfig; required when a client's rank differs from the output's
+            (each client keeps its own LoRA scaling, s_i = alpha / r_i, and the result loads at the output
+            rank's: with "cat", always, unless there is one client).
 
     Returns:
         :class:`MergedState`: the merged adapter (keys, key order and dtypes of the clients;
         non-LoRA tensors weighted-averaged, non-floating ones copied when equal), loadable with
-        ``set_peft_model_state_dict``, plus ``errors``, ``iterations``, ``changes``, ``converged``.
+        ``set_peft_model_state_dict`` into a model whose LoraConfig has the output ranks, plus
+        ``errors``, ``iterations``, ``changes``, ``converged``.
 
     Raises:
         ValueError/TypeError naming the argument (or the client and key), as
-        :func:`fedrot_ext.aggregate_state_dicts` does, and for a bad align, iterations or tol.
-        Inputs are never modified.
+        :func:`fedrot_ext.aggregate_state_dicts` does: an unknown method, an option the method does not
+        take, a bad rank, density, align, iterations or tol, or NaN/Inf in a client. Inputs are never modified.
     """
+    if method not in MERGE_METHODS:
+        raise ValueError(f"method: expected one of {MERGE_METHODS}, got {method!r}")
+    procrustes = {k: v for k, v in dict(align=align, reference=reference, iterations=iterations, tol=tol,
+                                         allow_reflection=allow_reflection).items() if v is not None}
+    if method == "procrustes":
+        for name, value in (("rank", rank), ("density", density)):
+            if value is not None:
+                raise ValueError(f"{name}: not an option of method 'procrustes' (it keeps the largest rank; "
+                                 "pass method='svd', 'ties' or 'tsv' for another rank)")
+        return _procrustes_merge(client_states, weights, lora_config, **{**PROCRUSTES_DEFAULTS, **procrustes})
+    if procrustes:
+        raise ValueError(f"{', '.join(sorted(procrustes))}: options of method 'procrustes', not of {method!r}")
+    return _core_merge(client_states, weights, method, _check_rank(method, rank), _check_density(method, density), lora_config)
+
+
+def _check_rank(method: str, rank):
+    if rank is None:
+        return None
+    if method == "cat":
+        raise ValueError("rank: method 'cat' is exact at rank Σ r_i; pass method='svd' for another rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank: expected an int >= 1, got {rank!r}")
+    return rank
+
+
+def _check_density(method: str, density) -> float:
+    if density is None:
+        return 0.2
+    if method != "ties":
+        raise ValueError(f"density: an option of method 'ties', not of {method!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
+    return float(density)
+
+
+def _core_merge(client_states, weights, method: str, rank, density: float, lora_config) -> MergedState:
+    batch = collect_clients(client_states)
+    w = normalized_weights(weights, len(batch.states), torch.device("cpu"), torch.float64)
+    for m in batch.modules:  # a NaN would spread through the QR into every merged value: name it first
+        for state, label in zip(batch.states, batch.labels):
+            for key in (m.key_A, m.key_B):
+                if not bool(torch.isfinite(state[key]).all()):
+                    raise invalid_client_error(f"{label}[{key!r}]", hint=False)
+    merged = dict(average_others(batch, stack_others(batch), w))
+    errors: Dict[str, tuple] = {}
+    for m, ranks in zip(batch.modules, batch.ranks):
+        out_rank = core_ranks(method, ranks, rank)
+        ratios = [rank_rescale(lora_config, r, out_rank, f"{label}[{m.key_A!r}]") ** 2 for r, label in zip(ranks, batch.labels)]
+        A = [s[m.key_A] for s in batch.states]
+        B = [s[m.key_B] for s in batch.states]
+        new_A, new_B, error = merge_module(method, A, B, w.tolist(), ratios, out_rank, density)
+        merged[m.key_A], merged[m.key_B] = new_A.to(A[0].dtype), new_B.to(B[0].dtype)
+        errors[m.name] = error
+    if nonfinite_index([merged[k] for m in batch.modules for k in (m.key_A, m.key_B)]) is not None:
+        raise overflow_error("client_states", {merged[m.key_A].dtype for m in batch.modules})
+    tensors = ((k, merged[k]) for k in batch.states[0] if k in merged)
+    return MergedState(tensors, errors, 1, (), True)
+
+
+def _procrustes_merge(client_states, weights, lora_config, *, align, reference, iterations, tol, allow_reflection) -> MergedState:
     _check_options(align, iterations, tol)
     batch = collect_clients(client_states)
     w = normalized_weights(weights, len(batch.states), torch.device("cpu"), torch.float64)

@@ -126,3 +126,27 @@ def test_a_padded_client_keeps_its_own_lora_scaling(tree, tmp_path):
     assert config["r"] == 4 and got[key_A].shape[0] == 4
     s_out, s_low = config["lora_alpha"] / 4, config["lora_alpha"] / 2
     torch.testing.assert_close(s_out * got[key_B] @ got[key_A], s_low * trained[key_B] @ trained[key_A], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, rank", [("svd", None), ("svd", 2), ("cat", None), ("ties", None), ("tsv", 3)])
+def test_merge_methods_write_an_adapter_peft_loads(tree, method, rank):
+    extra = ["--merge", "--merge-method", method] + (["--merge-rank", str(rank)] if rank else [])
+    assert run(tree, *extra, reference=False) == 0
+    out = tree["root"] / "out"
+    config = json.loads((out / "adapter_config.json").read_text())
+    if rank:
+        assert config["r"] == rank
+    PeftModel.from_pretrained(tiny_bert(torch.float32).get_base_model(), str(out))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--merge-method", "svd"], "--merge-method: applies to --merge only"),
+    (["--merge", "--merge-method", "svd", "--reference", "REF"], "--reference: does not apply to --merge-method svd"),
+    (["--merge", "--merge-method", "cat", "--merge-rank", "3"], "rank: method 'cat' is exact"),
+    (["--merge", "--merge-method", "svd", "--merge-density", "0.5"], "density: an option of method 'ties'"),
+])
+def test_merge_options_that_do_not_apply_exit_2(tree, capsys, extra, match):
+    extra = [str(tree["ref"]) if e == "REF" else e for e in extra]
+    assert run(tree, *extra, reference=False) == 2
+    assert match in one_line(capsys)
+    assert not (tree["root"] / "out").exists()
