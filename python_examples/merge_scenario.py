@@ -7,6 +7,8 @@ shard for ``merge_steps`` steps, and the server merges the N adapters in one sho
 - peft's ``add_weighted_adapter``, ``combination_type="linear"`` (Σ √w_i A_i, Σ √w_i B_i) and
   ``"svd"`` (rank-r truncated SVD of Σ w_i B_i A_i), what peft users reach for today;
 - ``fedrot_ext.merge_adapters`` (generalised Procrustes: align every client to a common gauge, average);
+- ``fedrot_ext.merge_adapters(method=...)`` in core space: "svd" (the same update as peft's svd merge,
+  without forming it), and the interference-aware "ties" and "tsv", all at the clients' rank;
 - and, for scale, each client alone and the best single client.
 
 Every merge averages the classifier heads the same way (sample-weighted). peft's merge refuses
@@ -27,9 +29,11 @@ from tqdm.auto import tqdm
 import fedrot_ext
 from fl_loop import RunConfig, _seed, _snapshot, evaluate, train_client
 
-MERGES = ("fedit", "peft_linear", "peft_svd", "merge_adapters")
+MERGES = ("fedit", "peft_linear", "peft_svd", "merge_adapters", "merge_svd", "merge_ties", "merge_tsv")
 LABELS = {"fedit": "FedIT (factor average)", "peft_linear": "peft add_weighted_adapter linear",
-          "peft_svd": "peft add_weighted_adapter svd", "merge_adapters": "fedrot_ext.merge_adapters",
+          "peft_svd": "peft add_weighted_adapter svd", "merge_adapters": "fedrot_ext.merge_adapters (procrustes)",
+          "merge_svd": "fedrot_ext.merge_adapters svd (core space)", "merge_ties": "fedrot_ext.merge_adapters ties (core space)",
+          "merge_tsv": "fedrot_ext.merge_adapters tsv (core space)",
           "best_client": "best single client", "mean_client": "clients alone (mean)"}
 
 
@@ -71,6 +75,8 @@ def merged_adapters(task, states, weights, rank: int, seed: int) -> Dict[str, Di
     _, other_keys = _split(states[0])
     head = {k: fedit[k] for k in other_keys}
     out = {"fedit": dict(fedit), "merge_adapters": dict(fedrot_ext.merge_adapters(states, weights=weights))}
+    for method in ("svd", "ties", "tsv"):  # at the clients' rank, in core space
+        out[f"merge_{method}"] = dict(fedrot_ext.merge_adapters(states, weights=weights, method=method, rank=rank))
     for kind in ("linear", "svd"):
         out[f"peft_{kind}"] = {**_peft_merge(task, states, weights, kind, rank, seed), **head}
     return out

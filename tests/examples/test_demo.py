@@ -139,6 +139,7 @@ def test_merge_scenario_evaluates_every_merge_and_every_client(merge_run):
     errors = {name: m["aggregation_error"] for name, m in merge["merges"].items()}
     assert errors["merge_adapters"] < errors["fedit"], errors  # aligned to a common gauge before averaging
     assert errors["peft_svd"] < 1.0, errors  # the rank-r truncation of Σ w_i B_i A_i
+    assert abs(errors["merge_svd"] - errors["peft_svd"]) < 1e-4, errors  # the same truncation, in core space
     for name in ("results_merge.json", "table_merge.md", "merge_alpha0.5.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "results_merge.json").read_text())["summary"]
