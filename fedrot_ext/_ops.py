@@ -22,12 +22,11 @@ from ._checks import (
 from ._runtime import check_device
 from ._shape_only import shape_only, shape_only_weights
 from ._robust import add_gaussian_noise, clip_scales, client_update_norms, invalid_clients, noise_std, surviving_weights
-from ._types import ALIGN_CODES, STATUS_AGGREGATE_NONFINITE, STATUS_REFERENCE_NONFINITE, Aggregate, align_uses
+from ._types import ALIGN_CODES, DEFAULT_LAM_GRID, STATUS_AGGREGATE_NONFINITE, STATUS_REFERENCE_NONFINITE, Aggregate, align_uses
 
 __all__ = ["align_and_aggregate", "procrustes_rotation", "accumulate_dtype", "fused_align_aggregate", "DEFAULT_LAM_GRID"]
 
 # The candidates of lam="auto"; 0 (FedIT) among them makes the result never worse than plain averaging.
-DEFAULT_LAM_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

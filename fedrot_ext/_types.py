@@ -6,6 +6,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 ALIGN_MODES = ("none", "A", "B", "AB")
+# The candidates of lam="auto", in the op, the float64 reference and every caller.
+DEFAULT_LAM_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Integer codes passed to the C++ op (csrc/align_aggregate.h: AlignMode).
 ALIGN_CODES = {"none": 0, "A": 1, "B": 2, "AB": 3}
 # Bits of the op's status output, as kStatus* in csrc/align_aggregate.h.

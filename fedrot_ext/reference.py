@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._types import ALIGN_MODES, Aggregate
+from ._types import ALIGN_MODES, DEFAULT_LAM_GRID, Aggregate
 
 __all__ = ["procrustes_rotation_ref", "align_and_aggregate_ref", "merge_adapters_ref", "procrustes_rotation", "align_and_aggregate"]
 
@@ -55,7 +55,7 @@ def align_and_aggregate_ref(
     weights: Optional[torch.Tensor] = None,
     align="A",
     lam=0.5,
-    lam_grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
     allow_reflection: bool = False,
     return_rotations: bool = False,
 ) -> Aggregate:
@@ -99,7 +99,7 @@ def align_and_aggregate_ref(
     return Aggregate(outs_A, outs_B, rots if return_rotations else None, (), tuple(lams))
 
 
-def choose_lam_ref(A, B, *, ref_A=None, ref_B=None, weights=None, align="A", grid=(0.0, 0.25, 0.5, 0.75, 1.0),
+def choose_lam_ref(A, B, *, ref_A=None, ref_B=None, weights=None, align="A", grid=DEFAULT_LAM_GRID,
                    allow_reflection: bool = False):
     """Float64 reference of lam="auto": for each layer and candidate λ, aggregate with the
     reference op and measure ‖Σ w_i B_i A_i − B̄Ā‖_F / ‖Σ w_i B_i A_i‖_F on the dense product.
