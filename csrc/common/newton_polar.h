@@ -28,9 +28,8 @@ constexpr int kMaxNewtonSteps = 16;
 // step maps the defect e to at most e²(3 + e)/4, which reaches sqrt(eps) in ≤ 7 steps.
 constexpr double kSchulzStart = 0.75;
 constexpr int kMaxSchulzSteps = 10;
-// Only up to this rank bucket: at r = 32 and 64 (one core, 2026-12-04) two r³ products per
-// step cost more than Newton's last inverses (64 × 64: 59 → 99 µs per polar factor), so those
-// buckets run Newton to convergence and finish with one Schulz step.
+// Only up to this rank bucket: at r = 32 and 64 two r³ products per step cost more than Newton's
+// last inverses, so those buckets run Newton to convergence and finish with one Schulz step.
 constexpr int kMaxSchulzRank = 16;
 
 // In-place Gauss-Jordan inverse with partial (row) pivoting, leaving the

@@ -1,14 +1,13 @@
-// Intel AMX for the CPU kernels: tile registers and bf16 tile products (16 × 16 fp32 sums of
-// 16 × K by K × 16 bf16, K <= 32 pairs of values per word). Compiled where the build machine has
-// AMX-BF16; used where Linux grants the process the tile state (5.16+), else the AVX-512 kernels run.
+// Whether this build has the Intel AMX kernels: FEDROT_AMX is 1 where the compiler targets
+// AMX-TILE and AMX-BF16 (setup.py passes -mamx-tile -mamx-bf16 where the build machine has them),
+// and kAmxBuilt says the same to C++ code. Also the parts of those kernels that run no tile
+// instruction (the tile shapes, and the loop over tile numbers); every code path that does lives in
+// cpu/amx_kernels.h, behind functions that exist in both builds.
 #pragma once
 
 #include <cstdint>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define FEDROT_AMX 1
 #else
 #define FEDROT_AMX 0
@@ -16,14 +15,7 @@
 
 namespace fedrot {
 
-#if FEDROT_AMX
-constexpr bool kAmxBuilt = true;
-
-// Asks Linux once per process for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
-inline bool amx_usable() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return granted;
-}
+constexpr bool kAmxBuilt = FEDROT_AMX == 1;
 
 // Palette-1 tile shapes: rows and bytes per row of each of the 8 tiles.
 struct alignas(64) TileConfig {
@@ -37,20 +29,6 @@ struct alignas(64) TileConfig {
   }
 };
 
-// The tile shapes for one scope; the tile state is released after it (cheaper context switches).
-class TileScope {
- public:
-  // The barrier: GCC's _tile_loadd asm names no memory operand, so stores before the scope (the
-  // coefficient pairs, partial sums) could otherwise sink below the tile loads that read them.
-  explicit TileScope(const TileConfig& config) {
-    _tile_loadconfig(&config);
-    __asm__ volatile("" ::: "memory");
-  }
-  ~TileScope() { _tile_release(); }
-  TileScope(const TileScope&) = delete;
-  TileScope& operator=(const TileScope&) = delete;
-};
-
 // BODY(c) for the tiles c < count (at most 4): GCC's _tile_ macros paste the tile number into the
 // instruction, so it must be a literal.
 #define FR_FOR_TILES(count, BODY)    \
@@ -60,9 +38,5 @@ class TileScope {
     if ((count) > 2) { BODY(2); }    \
     if ((count) > 3) { BODY(3); }    \
   } while (0)
-#else
-constexpr bool kAmxBuilt = false;
-inline bool amx_usable() { return false; }
-#endif
 
 }  // namespace fedrot
