@@ -24,7 +24,7 @@ from pathlib import Path
 # Llama-3-8B projections (out, in): q and o 4096 × 4096, k and v 1024 × 4096, the MLP 14336 × 4096 and 4096 × 14336.
 MODULES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
 CORE_GRID = [(module, n, r) for module in MODULES for n in (2, 6, 10) for r in (16, 64)]
-DENSE_GRID = [("k_proj", 2, 16), ("q_proj", 2, 16), ("gate_proj", 2, 16)]
+DENSE_GRID = [("k_proj", 2, 16), ("q_proj", 2, 16), ("gate_proj", 2, 16), ("gate_proj", 6, 16), ("gate_proj", 10, 64), ("down_proj", 2, 16)]
 ALPHA = 32.0
 
 
@@ -51,14 +51,16 @@ def _one(route: str, module: str, n: int, r: int) -> dict:
     start = time.perf_counter()
     if route == "core":
         merged = fedrot_ext.merge_adapters(states, weights=w, method="svd", lora_config=dict(r=r, lora_alpha=ALPHA))
-        update = (ALPHA / r) * merged[f"{key}.lora_B.weight"] @ merged[f"{key}.lora_A.weight"]
         seconds = time.perf_counter() - start
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        update = (ALPHA / r) * merged[f"{key}.lora_B.weight"] @ merged[f"{key}.lora_A.weight"]  # for the comparison only
     else:
         dense = sum(wi * (ALPHA / r) * s[f"{key}.lora_B.weight"] @ s[f"{key}.lora_A.weight"] for wi, s in zip(w, states))
         U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
-        update = (U[:, :r] * S[:r]) @ Vh[:r]
+        B, A = U[:, :r] * S[:r], Vh[:r]
         seconds = time.perf_counter() - start
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        update = B @ A
     return {"route": route, "module": module, "n": n, "r": r, "seconds": seconds, "peak_extra_mb": peak_mb,
             "update": update}
 
@@ -80,6 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--core-only", action="store_true", help="skip the dense route (minutes per MLP module)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.machine, run as a script
     import torch
 
     rows = []
